@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_step.layout import ParallelSizes, check_layout
+
 ROOT_NAME = ""
 
 
@@ -149,6 +151,9 @@ class PrecisionConfig:
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     fp8_frozen_storage: bool = False
     """Store frozen base weights in FP8 (1 byte/param) through TE; merges then go via bf16."""
+    grad_reduce_in_fp32: bool = True
+    """With bf16 params, accumulate and all-reduce gradients in fp32 (4 B per trainable param),
+    as Megatron-LM does for bf16; false keeps bf16 gradient buffers (2 B)."""
 
     def validate(self, path: str) -> None:
         if self.fp8_frozen_storage:
@@ -402,15 +407,11 @@ class RunConfig:
                f"got {self.stages[-1].num_layers}")
         tp = self.parallel.tensor_model_parallel_size
         pp = self.parallel.pipeline_model_parallel_size
-        heads, groups = self.model.num_attention_heads, self.model.query_groups
-        _check("parallel.tensor_model_parallel_size", heads % tp == 0 and groups % tp == 0,
-               f"{tp} does not divide model.num_attention_heads ({heads}) and "
-               f"model.num_query_groups ({groups})")
-        _check("parallel.tensor_model_parallel_size", self.model.ffn_hidden_size % tp == 0,
-               f"{tp} does not divide model.ffn_hidden_size ({self.model.ffn_hidden_size})")
-        _check("parallel.pipeline_model_parallel_size", pp <= self.stages[0].num_layers,
-               f"{pp} pipeline stages > stages[0].num_layers ({self.stages[0].num_layers}): "
-               "every pipeline stage needs at least one layer")
+        try:
+            check_layout(self.model, self.stages[0].num_layers, ParallelSizes(tp * pp, tp, pp))
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("pipeline stages > ", "pipeline stages > "
+                                               "stages[0].num_layers = ")) from None
         mbs, gbs = self.train.micro_batch_size, self.train.global_batch_size
         _check("train.global_batch_size", gbs % mbs == 0,
                f"{gbs} is not a multiple of micro_batch_size ({mbs})")

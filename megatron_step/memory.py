@@ -1,0 +1,370 @@
+"""Training memory of one STEP stage: the paper's model and an extended per-GPU model.
+
+Paper model (Yano et al., NAACL 2025, section 2): model states only, 16 bytes per trainable
+parameter (bf16 weight + bf16 grad + fp32 master, momentum, variance) and 2 per frozen one:
+
+    P_i = 16 n_i P_layer + 2 N_{i-1} P_layer + 16 N_{i-1} E(P_layer)      vanilla: 16 L P_layer
+
+n_i -> num_new_layers, N_{i-1} -> num_old_layers, L -> model.num_layers,
+P_layer -> params_per_layer(model), E(P_layer) -> lora_params_per_layer(model, rank, targets).
+
+Full model (`memory_model="full"`), per GPU, for Megatron-Core 0.16.1 DDP + its optimizer:
+
+    role / params_dtype          bf16 (mixed precision)          fp32
+    trainable weight             2                               4
+    grad buffer (DDP main_grad)  2 (4 with grad_reduce_in_fp32)  4
+    fp32 master copy             4   (/ DP, distributed opt.)    0
+    Adam exp_avg + exp_avg_sq    8   (/ DP, distributed opt.)    8 (/ DP)
+    fp32 grad copy for the step  4   (/ DP; 0 if grads fp32)     0   (transient, see below)
+    frozen weight                2 (linears 1 with FP8 storage)  4
+
+Trainable = new layers, LoRA adapters, embeddings, output layer and final norm (the embedding and
+output layer are frozen from stage 2 with `freeze_embeddings_after_stage1`). TP shards every
+linear and the vocab axis of embedding/output layer, never norms; LoRA follows PEFT's TP rule
+(column-parallel base: A replicated, B split; row-parallel base: A split, B replicated). PP gives
+each rank depth / PP contiguous layers (Megatron's default even split; the depth must divide),
+the embedding to the first rank, output layer and final norm to the last. The per-GPU peak is
+the heaviest PP rank's `model_state_bytes + max(activations, main_grads)`: Megatron's optimizer
+makes its fp32 grad copies after backward freed the activations and drops them at the next
+`zero_grad`. Not modelled: DDP bucket padding (< 0.1%), allocator fragmentation, CUDA context.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_step.config import LORA_TARGETS, ConfigError, GrowthPosition, ModelConfig
+from megatron_step.growth import new_layer_indices
+
+MemoryModel = Literal["paper", "full"]
+
+_COLUMN_PARALLEL = frozenset({"linear_qkv", "linear_fc1"})
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemorySettings:
+    """What the memory model assumes besides the model shape (field names follow the config)."""
+
+    memory_model: MemoryModel = "full"
+    """`paper`: the published formula; `full`: the extended per-GPU model below."""
+    lora_rank: int = 8
+    """Adapter rank on the frozen layers; 0 means no adapters (E(P_layer) = 0)."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    data_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    """Megatron's ZeRO-1: fp32 master weights and Adam states sharded over data-parallel ranks."""
+    params_dtype: Literal["bf16", "fp32"] = "bf16"
+    grad_reduce_in_fp32: bool = False
+    """Megatron DDP's fp32 grad buffer (accumulate_allreduce_grads_in_fp32)."""
+    fp8_frozen_storage: bool = False
+    """Frozen linear weights stored in FP8 through Transformer Engine (1 byte each)."""
+    micro_batch_size: int = 1
+    recompute_activations: bool = False
+    """Full recompute of every layer: only layer inputs stay alive between forward and backward."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norm and residual activations are also split over TP."""
+    attention_backend: Literal["flash", "unfused"] = "flash"
+    """`unfused` keeps the a * s^2 softmax probabilities per layer; flash attention does not."""
+    freeze_embeddings_after_stage1: bool = False
+    growth_position: GrowthPosition = "upper"
+    """Where new layers go (growth.py, seed 0); decides their PP rank."""
+
+    def validate(self, model: ModelConfig) -> None:
+        """Raise ConfigError naming the field when a setting is impossible for this model."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "data_parallel_size", "micro_batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank: must be >= 0, got {self.lora_rank}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"lora_targets: choose from {', '.join(LORA_TARGETS)}, got "
+                              f"{list(self.lora_targets)}")
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "vocab_size"):
+            if getattr(model, name) % tp:
+                raise ConfigError(f"tensor_model_parallel_size: {tp} does not divide "
+                                  f"{name} ({getattr(model, name)})")
+        if model.num_layers % pp:
+            raise ConfigError(f"pipeline_model_parallel_size: {pp} does not divide num_layers "
+                              f"({model.num_layers}); Megatron splits layers evenly")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryBreakdown:
+    """Bytes on the heaviest GPU, by component."""
+
+    weights: int
+    grads: int
+    master_weights: int
+    optimizer_states: int
+    main_grads: int
+    """Transient fp32 grad copies made by the optimizer step (after activations are freed)."""
+    activations: int
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Everything alive across steps: weights, grad buffer, master weights, Adam states."""
+        return self.weights + self.grads + self.master_weights + self.optimizer_states
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.model_state_bytes + max(self.activations, self.main_grads)
+
+    def as_dict(self) -> dict[str, int]:
+        """Components plus `model_state_bytes` and `peak_bytes` (JSON-ready)."""
+        return {"weights": self.weights, "grads": self.grads,
+                "master_weights": self.master_weights,
+                "optimizer_states": self.optimizer_states, "main_grads": self.main_grads,
+                "activations": self.activations, "model_state_bytes": self.model_state_bytes,
+                "peak_bytes": self.peak_bytes}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageCost:
+    """One stage: its growth, whole-model parameter counts and per-GPU memory."""
+
+    num_new_layers: int
+    num_layers: int
+    trainable_params: int
+    """Trainable non-adapter parameters: new layers (+ embeddings, output layer, final norm)."""
+    frozen_params: int
+    adapter_params: int
+    memory: MemoryBreakdown
+    pipeline_rank: int
+    """The PP rank whose memory is reported (the heaviest)."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.peak_bytes
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready dict with the counts, the breakdown and `peak_bytes`."""
+        return {"num_new_layers": self.num_new_layers, "num_layers": self.num_layers,
+                "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
+                "adapter_params": self.adapter_params, "pipeline_rank": self.pipeline_rank,
+                "bytes": self.memory.as_dict(), "peak_bytes": self.peak_bytes}
+
+
+def _linear_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear of a layer, in Megatron's names."""
+    h, ffn = model.hidden_size, model.ffn_hidden_size
+    qkv_out = (model.num_attention_heads + 2 * model.query_groups) * model.head_dim
+    return {"linear_qkv": (h, qkv_out),
+            "linear_proj": (model.num_attention_heads * model.head_dim, h),
+            "linear_fc1": (h, 2 * ffn),  # SwiGLU: gate and up projections in one weight
+            "linear_fc2": (ffn, h)}
+
+
+def params_per_layer(model: ModelConfig) -> int:
+    """P_layer: the four linears (no biases) plus the two RMSNorm weights of one layer."""
+    linears = sum(i * o for i, o in _linear_shapes(model).values())
+    return linears + 2 * model.hidden_size
+
+
+def lora_params_per_layer(model: ModelConfig, rank: int,
+                          targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """E(P_layer): a rank-r adapter on an in x out linear adds r * (in + out) parameters."""
+    shapes = _linear_shapes(model)
+    return sum(rank * sum(shapes[name]) for name in targets)
+
+
+def count_parameters(model: ModelConfig) -> int:
+    """Parameters Megatron-Core's GPTModel allocates for this LLaMA (closed form).
+
+    L layers, word embedding vocab x h, output layer vocab x h unless tied, final RMSNorm h.
+    """
+    return model.num_layers * params_per_layer(model) + _vocab_params(model) + model.hidden_size
+
+
+def _vocab_params(model: ModelConfig) -> int:
+    """Word embedding plus output layer (one tensor when tied)."""
+    tensors = 2 if model.untie_embeddings_and_output_weights else 1
+    return tensors * model.vocab_size * model.hidden_size
+
+
+def _layer_params_per_rank(model: ModelConfig, settings: MemorySettings) -> tuple[int, int, int]:
+    """(linear, norm, adapter) parameters of one layer held by one TP rank."""
+    tp, rank = settings.tensor_model_parallel_size, settings.lora_rank
+    shapes = _linear_shapes(model)
+    linear = sum(i * o for i, o in shapes.values()) // tp
+    adapter = 0
+    for name in settings.lora_targets:
+        i, o = shapes[name]
+        # column-parallel: A [r, in] replicated, B [out/tp, r]; row-parallel: A [r, in/tp], B [out, r]
+        adapter += rank * (i + o // tp) if name in _COLUMN_PARALLEL else rank * (i // tp + o)
+    return linear, 2 * model.hidden_size, adapter
+
+
+def _activation_bytes(model: ModelConfig, settings: MemorySettings, num_layers: int,
+                      in_flight: int, last_rank: bool) -> int:
+    """Activation estimate of one PP rank (bytes); see `activation_bytes_per_layer`."""
+    s, b, h = model.seq_length, settings.micro_batch_size, model.hidden_size
+    tp = settings.tensor_model_parallel_size
+    element = 2 if settings.params_dtype == "bf16" else 4
+    full_layer = activation_bytes_per_layer(model, settings)
+    layer_input = element * s * b * h // (tp if settings.sequence_parallel else 1)
+    kept = layer_input if settings.recompute_activations else full_layer
+    # last rank: final-norm input, output-layer input, fp32 logits kept by the cross entropy
+    head = 2 * layer_input + 4 * s * b * model.vocab_size // tp if last_rank else 0
+    recomputed = full_layer if settings.recompute_activations else 0
+    return in_flight * (num_layers * kept + head) + recomputed
+
+
+def activation_bytes_per_layer(model: ModelConfig, settings: MemorySettings) -> int:
+    """Estimated bytes one layer keeps for backward, per micro-batch and TP rank.
+
+    Derived like Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", section 4.1, 34 s b h + 5 a s^2 b bytes for GPT with dropout), for LLaMA: no
+    dropout masks, GQA (k, v have g * d channels) and SwiGLU (fc1 gives 2 * ffn channels).
+    Elements kept: inputs of both RMSNorms and of linear_qkv and linear_fc1 (4 s b h, split over
+    TP only with sequence parallelism); q and the attention output that feeds linear_proj
+    (2 s b h); k and v (2 s b g d); fc1 output and SwiGLU output (3 s b ffn); with unfused
+    attention the softmax probabilities (a s^2 b). All but the first group are split over TP.
+    Times 2 bytes (bf16) or 4 (fp32). Ignores LoRA intermediates (r << h), flash-attention
+    log-sum-exp and transient buffers: it is an estimate, not a measurement.
+    """
+    s, b, h = model.seq_length, settings.micro_batch_size, model.hidden_size
+    tp = settings.tensor_model_parallel_size
+    element = 2 if settings.params_dtype == "bf16" else 4
+    replicated = 4 * s * b * h // (tp if settings.sequence_parallel else 1)
+    split = (2 * s * b * h + 2 * s * b * model.query_groups * model.head_dim
+             + 3 * s * b * model.ffn_hidden_size)
+    if settings.attention_backend == "unfused":
+        split += model.num_attention_heads * s * s * b
+    return element * (replicated + split // tp)
+
+
+def _paper_cost(model: ModelConfig, num_new: int, num_old: int,
+                settings: MemorySettings) -> StageCost:
+    """The published formula, split into the components it counts."""
+    per_layer = params_per_layer(model)
+    adapter = num_old * lora_params_per_layer(model, settings.lora_rank, settings.lora_targets)
+    trainable = num_new * per_layer + adapter
+    memory = MemoryBreakdown(weights=2 * (trainable + num_old * per_layer), grads=2 * trainable,
+                             master_weights=4 * trainable, optimizer_states=8 * trainable,
+                             main_grads=0, activations=0)
+    return StageCost(num_new_layers=num_new, num_layers=num_old + num_new,
+                     trainable_params=num_new * per_layer, frozen_params=num_old * per_layer,
+                     adapter_params=adapter, memory=memory, pipeline_rank=0)
+
+
+def _full_cost(model: ModelConfig, num_new: int, num_old: int,
+               settings: MemorySettings) -> StageCost:
+    """The extended per-GPU model: the heaviest pipeline rank of this stage."""
+    tp, pp = settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size
+    depth = num_old + num_new
+    bf16 = settings.params_dtype == "bf16"
+    weight_bytes = 2 if bf16 else 4
+    grad_bytes = 4 if settings.grad_reduce_in_fp32 or not bf16 else 2
+    frozen_linear_bytes = 1 if settings.fp8_frozen_storage else weight_bytes
+    dp = settings.data_parallel_size if settings.use_distributed_optimizer else 1
+    linear, norm, adapter = _layer_params_per_rank(model, settings)
+    vocab_rows = model.vocab_size * model.hidden_size // tp
+    embeddings_trainable = not (settings.freeze_embeddings_after_stage1 and num_old > 0)
+    # a tied output layer still has its own copy on the last PP rank when PP > 1
+    has_output = model.untie_embeddings_and_output_weights or pp > 1
+    new = set(new_layer_indices(num_old, num_new, settings.growth_position)
+              if num_old else range(depth))
+    per_rank = depth // pp
+    worst: tuple[int, int, MemoryBreakdown] | None = None
+    for rank in range(pp):
+        layers = range(rank * per_rank, (rank + 1) * per_rank)
+        num_trainable = sum(index in new for index in layers)
+        num_frozen = per_rank - num_trainable
+        trainable = num_trainable * (linear + norm) + num_frozen * adapter
+        frozen_bytes = num_frozen * (linear * frozen_linear_bytes + norm * weight_bytes)
+        vocab_tensors = (rank == 0) + (rank == pp - 1 and has_output)
+        if embeddings_trainable:
+            trainable += vocab_tensors * vocab_rows
+        else:
+            frozen_bytes += vocab_tensors * vocab_rows * weight_bytes
+        trainable += norm // 2 if rank == pp - 1 else 0  # final RMSNorm
+        shard = math.ceil(trainable / dp)
+        memory = MemoryBreakdown(
+            weights=weight_bytes * trainable + frozen_bytes, grads=grad_bytes * trainable,
+            master_weights=4 * shard if bf16 else 0, optimizer_states=8 * shard,
+            main_grads=4 * shard if grad_bytes == 2 else 0,
+            activations=_activation_bytes(model, settings, per_rank, pp - rank, rank == pp - 1))
+        if worst is None or memory.peak_bytes > worst[2].peak_bytes:
+            worst = (rank, trainable, memory)
+    assert worst is not None
+    per_layer = params_per_layer(model)
+    vocab_params = _vocab_params(model)
+    trainable_total = num_new * per_layer + model.hidden_size
+    frozen_total = num_old * per_layer
+    if embeddings_trainable:
+        trainable_total += vocab_params
+    else:
+        frozen_total += vocab_params
+    return StageCost(num_new_layers=num_new, num_layers=depth, trainable_params=trainable_total,
+                     frozen_params=frozen_total,
+                     adapter_params=num_old * lora_params_per_layer(model, settings.lora_rank,
+                                                                    settings.lora_targets),
+                     memory=worst[2], pipeline_rank=worst[0])
+
+
+def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
+               settings: MemorySettings) -> StageCost:
+    """Memory of a stage that grows `num_old_layers` by `num_new_layers` and trains the new ones.
+
+    The first stage is `num_old_layers=0` (everything trainable); vanilla training is the first
+    stage at full depth. The cost depends only on (num_new_layers, num_old_layers), which is what
+    makes the stage solver in plan.py an exact dynamic programme.
+
+    Args:
+        model: the target model; only its depth-independent shape is used.
+        num_new_layers: n_i >= 1, layers added (and trained) in this stage.
+        num_old_layers: N_{i-1} >= 0, layers that existed before (frozen, with adapters).
+        settings: memory model and training setup.
+
+    Returns:
+        Whole-model parameter counts and the per-GPU breakdown of the heaviest PP rank.
+
+    Raises:
+        ConfigError: naming the field when the stage is impossible (e.g. depth not divisible by
+            pipeline_model_parallel_size).
+    """
+    if num_new_layers < 1 or num_old_layers < 0:
+        raise ConfigError(f"num_new_layers: need >= 1 new and >= 0 old layers, got "
+                          f"{num_new_layers} and {num_old_layers}")
+    if settings.memory_model == "paper":
+        return _paper_cost(model, num_new_layers, num_old_layers, settings)
+    pp = settings.pipeline_model_parallel_size
+    if (num_old_layers + num_new_layers) % pp:
+        raise ConfigError(f"pipeline_model_parallel_size: {pp} does not divide the stage depth "
+                          f"{num_old_layers + num_new_layers}")
+    return _full_cost(model, num_new_layers, num_old_layers, settings)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as `40GiB`, `80GB` (decimal), `39.5GiB`, `512MiB` or `1000000`.
+
+    Raises:
+        ValueError: the text is not a positive size with a known unit.
+    """
+    match = _SIZE_PATTERN.fullmatch(text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS or (unit in ("", "B") and "." in match.group(1)):
+        raise ValueError(f"cannot parse {text!r} (examples: 40GiB, 80GB, 512MiB)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"must be > 0, got {text!r}")
+    return size
+
+
+def format_size(num_bytes: int) -> str:
+    """Bytes as GiB with two decimals (MiB below 1 GiB), the unit people budget GPUs in."""
+    if num_bytes < 2**30:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**30:.2f} GiB"

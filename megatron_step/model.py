@@ -1,0 +1,122 @@
+"""LLaMA on Megatron-Core: `ModelConfig` -> `TransformerConfig` -> one `GPTModel` per pipeline rank.
+
+LLaMA = RMSNorm, SwiGLU MLP, rotary position embeddings, no biases, untied input/output
+embeddings, grouped-query attention when `num_query_groups < num_attention_heads`. The layer spec
+is Transformer Engine's when TE imports (GPU), Megatron's local spec otherwise; both give the same
+checkpoint keys, so checkpoints move between them.
+
+Weights are initialised on the CPU from full "master" tensors (`use_cpu_initialization`), which
+makes a model built at TP=2 hold exactly the shards of the TP=1 model for the same seed; losses
+are then comparable across layouts (megatron_notes.md, pitfall 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_step import te
+from megatron_step.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_step.layout import pipeline_split
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def layer_spec(precision: PrecisionConfig) -> ModuleSpec:
+    """TE spec with Transformer Engine, the local (pure megatron-core) spec without.
+
+    Raises:
+        ValueError: FP8 requested (`precision.fp8`) but Transformer Engine is not available.
+    """
+    if precision.fp8 is not None:
+        te.require_te("precision.fp8", precision.fp8)
+    if te.HAVE_TE:
+        return te.te_layer_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def pipeline_layout(num_layers: int, pipeline_model_parallel_size: int) -> list[list[str]] | None:
+    """Megatron's explicit layout for our (possibly uneven) split; None without pipelining."""
+    if pipeline_model_parallel_size == 1:
+        return None
+    split = pipeline_split(num_layers, pipeline_model_parallel_size)
+    layout = [["decoder"] * n for n in split]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
+                       precision: PrecisionConfig) -> TransformerConfig:
+    """Megatron TransformerConfig of a `num_layers`-deep LLaMA (a STEP stage's depth)."""
+    dtype = DTYPES[precision.params_dtype]
+    pp = parallel.pipeline_model_parallel_size
+    recompute = ({"recompute_granularity": "full", "recompute_method": "uniform",
+                  "recompute_num_layers": 1} if parallel.recompute_activations else {})
+    fp8 = ({"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
+           if precision.fp8 is not None else {})
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        pipeline_model_parallel_layout=pipeline_layout(num_layers, pp),
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        **recompute,
+        **fp8,
+    )
+
+
+def build_model(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
+                precision: PrecisionConfig, *, pre_process: bool,
+                post_process: bool) -> GPTModel:
+    """This pipeline rank's GPTModel of a `num_layers`-deep LLaMA, on the GPU when there is one.
+
+    Megatron's model-parallel state must be initialised (see `parallel.init_distributed`) and
+    seeded (`model_parallel_cuda_manual_seed`) before the call.
+    """
+    config = transformer_config(model, num_layers, parallel, precision)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(precision),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def layer_offset(module: GPTModel) -> int:
+    """Global index of this pipeline rank's first transformer layer."""
+    return module.decoder.layers[0].layer_number - 1 if len(module.decoder.layers) else 0
