@@ -92,16 +92,22 @@ def save_checkpoint(path: str | Path, chunks: Sequence[MegatronModule], meta: di
         optimizer: Megatron optimizer whose state to include.
         rank_state: per-rank picklable state (RNG states).
     """
-    path = Path(path)
+    state = model_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"],
+                                                          metadata=SHARDED_METADATA)
+    return _save_atomic(Path(path), state, {"has_optimizer": optimizer is not None, **meta},
+                        rank_state)
+
+
+def _save_atomic(path: Path, state: dict[str, Any], meta: dict[str, Any],
+                 rank_state: dict[str, Any] | None) -> Path:
+    """dist_checkpointing.save into `.<name>.tmp`, add metadata, then rename into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state = model_state_dict(chunks)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"],
-                                                          metadata=SHARDED_METADATA)
     dist_checkpointing.save(state, str(tmp), content_metadata=SHARDED_METADATA)
     if rank_state is not None:
         (tmp / "rank_state").mkdir(exist_ok=True)
@@ -109,8 +115,7 @@ def save_checkpoint(path: str | Path, chunks: Sequence[MegatronModule], meta: di
     _barrier()
     if _rank() == 0:
         write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION,
-                                            "has_optimizer": optimizer is not None,
-                                            **_saved_layout(), **meta})
+                                            "has_optimizer": False, **_saved_layout(), **meta})
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)
@@ -118,6 +123,40 @@ def save_checkpoint(path: str | Path, chunks: Sequence[MegatronModule], meta: di
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
+
+
+def load_full_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as one full (unsharded) tensor, keyed by checkpoint key.
+
+    Works in a single process whatever the TP/PP the checkpoint was saved at; optimizer state
+    keys (`optimizer.*`) are left out. The whole model must fit in this process's memory.
+    """
+    path = Path(path)
+    read_meta(path)
+    tensors = dist_checkpointing.load_plain_tensors(str(path))
+    return {k: v for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
+
+
+def save_full_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      meta: dict[str, Any]) -> Path:
+    """Save full tensors (per-layer checkpoint keys) as a checkpoint any TP/PP can load.
+
+    Collective over the current world, but only rank 0 writes tensors (replica 0); call it from
+    a one-process world (`parallel.local_world()`) for small models. Each `linear_*` module gets
+    the empty `_extra_state` object Megatron's loader expects (its TE FP8 metadata slot).
+    """
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    state: dict[str, Any] = {}
+    for key, tensor in tensors.items():
+        state[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(),
+                                                     replica_id=_rank())
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module.rpartition(".")[2].startswith("linear_"):
+            extra = f"{module}._extra_state"
+            state[extra] = ShardedObject(extra, None, (1,), (0,), replica_id=_rank())
+    return _save_atomic(Path(path), state, meta, None)
 
 
 def _saved_layout() -> dict[str, Any]:

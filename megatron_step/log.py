@@ -29,7 +29,10 @@ _NOISE = (
 
 def quiet_megatron_warnings() -> None:
     """Hide megatron-core's expected warnings (missing TE/apex on CPU, its own deprecations)."""
-    for pattern in _NOISE:
+    import torch
+
+    cpu_only = () if torch.cuda.is_available() else (r".*CUDA_DEVICE_MAX_CONNECTIONS.*",)
+    for pattern in _NOISE + cpu_only:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.ERROR)
     logging.getLogger("megatron.core.optimizer").setLevel(logging.WARNING)

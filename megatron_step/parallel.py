@@ -9,8 +9,10 @@ LOCAL_RANK / MASTER_ADDR / MASTER_PORT), SLURM with one task per GPU (SLURM_PROC
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +131,25 @@ def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_world() -> Iterator[None]:
+    """A one-process gloo world for tools that save/load checkpoints outside a launcher.
+
+    Reuses an existing process group (e.g. under torchrun or in a test world) and then leaves
+    it alone; otherwise creates a world of one and destroys it on exit.
+    """
+    if not torch.cuda.is_available():
+        cpu_compat.enable()
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
         dist.destroy_process_group()
 
 
