@@ -433,13 +433,19 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             _check(path, type(None) in args, "must not be null")
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(value, options[0], path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for option in options:
             try:
-                return _convert(value, arg, path)
+                return _convert(value, option, path)
             except ConfigError as exc:
                 errors.append(str(exc).split(": ", 1)[1])
-        _fail(path, " or ".join(errors))
+        kinds = [e.rsplit(", got ", 1)[0] for e in errors if e.startswith("must be")]
+        if len(kinds) == len(errors):
+            _fail(path, f"{' or '.join(kinds)}, got {value!r}")
+        _fail(path, next(e for e in errors if not e.startswith("must be")))
     if origin is Literal:
         _check(path, value in args, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

@@ -8,25 +8,28 @@ parameter (bf16 weight + bf16 grad + fp32 master, momentum, variance) and 2 per 
 n_i -> num_new_layers, N_{i-1} -> num_old_layers, L -> model.num_layers,
 P_layer -> params_per_layer(model), E(P_layer) -> lora_params_per_layer(model, rank, targets).
 
-Full model (`memory_model="full"`), per GPU, for Megatron-Core 0.16.1 DDP + its optimizer:
+Full model (`memory_model="full"`), bytes per parameter on one GPU, for Megatron-Core 0.16.1
+DDP + `get_megatron_optimizer` (Adam), as megatron_step.optim builds them:
 
-    role / params_dtype          bf16 (mixed precision)          fp32
-    trainable weight             2                               4
-    grad buffer (DDP main_grad)  2 (4 with grad_reduce_in_fp32)  4
-    fp32 master copy             4   (/ DP, distributed opt.)    0
-    Adam exp_avg + exp_avg_sq    8   (/ DP, distributed opt.)    8 (/ DP)
-    fp32 grad copy for the step  4   (/ DP; 0 if grads fp32)     0   (transient, see below)
-    frozen weight                2 (linears 1 with FP8 storage)  4
+    role / params_dtype              bf16 (mixed precision)            fp32
+    trainable weight                 2                                 4
+    grad buffer (DDP main_grad)      4 (2 without grad_reduce_in_fp32) 4
+    fp32 master copy                 4 (/ DP with distributed opt.)    0
+    Adam exp_avg + exp_avg_sq        8 (/ DP with distributed opt.)    8 (/ DP)
+    fp32 grad copy in optimizer.step 4 (/ DP) if the grad buffer is bf16, else 0 (transient)
+    frozen weight                    2 (linears 1 with FP8 storage)    4
 
-Trainable = new layers, LoRA adapters, embeddings, output layer and final norm (the embedding and
-output layer are frozen from stage 2 with `freeze_embeddings_after_stage1`). TP shards every
-linear and the vocab axis of embedding/output layer, never norms; LoRA follows PEFT's TP rule
-(column-parallel base: A replicated, B split; row-parallel base: A split, B replicated). PP gives
-each rank depth / PP contiguous layers (Megatron's default even split; the depth must divide),
-the embedding to the first rank, output layer and final norm to the last. The per-GPU peak is
-the heaviest PP rank's `model_state_bytes + max(activations, main_grads)`: Megatron's optimizer
-makes its fp32 grad copies after backward freed the activations and drops them at the next
-`zero_grad`. Not modelled: DDP bucket padding (< 0.1%), allocator fragmentation, CUDA context.
+Trainable: new layers, LoRA adapters, embedding, output layer, final norm (embedding and output
+layer frozen from stage 2 with `freeze_embeddings_after_stage1`). TP splits every linear and the
+vocab rows, never norms; LoRA follows PEFT's TP rule (column-parallel base: A replicated, B split;
+row-parallel base: A split, B replicated). PP ranks hold contiguous layers as
+`layout.pipeline_split` assigns them (earlier ranks take the remainder), the embedding on the
+first rank, output layer and final norm on the last. Activations: `activation_bytes_per_layer`
+per layer and micro-batch; under 1F1B rank r keeps PP - r micro-batches in flight (assumes at
+least PP micro-batches per step); the last rank adds fp32 logits. Per-GPU peak = the heaviest
+rank's `model_state_bytes + max(activations, main_grads)`: the optimizer's fp32 grad copies exist
+only after backward freed the activations. Not modelled: DDP bucket padding, allocator
+fragmentation, CUDA context, communication buffers.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Literal
 
 from megatron_step.config import LORA_TARGETS, ConfigError, GrowthPosition, ModelConfig
 from megatron_step.growth import new_layer_indices
+from megatron_step.layout import ParallelSizes, check_layout, pipeline_offsets, pipeline_split
 
 MemoryModel = Literal["paper", "full"]
 
@@ -62,8 +66,8 @@ class MemorySettings:
     use_distributed_optimizer: bool = False
     """Megatron's ZeRO-1: fp32 master weights and Adam states sharded over data-parallel ranks."""
     params_dtype: Literal["bf16", "fp32"] = "bf16"
-    grad_reduce_in_fp32: bool = False
-    """Megatron DDP's fp32 grad buffer (accumulate_allreduce_grads_in_fp32)."""
+    grad_reduce_in_fp32: bool = True
+    """Megatron DDP's fp32 grad buffer for bf16 params (precision.grad_reduce_in_fp32)."""
     fp8_frozen_storage: bool = False
     """Frozen linear weights stored in FP8 through Transformer Engine (1 byte each)."""
     micro_batch_size: int = 1
@@ -91,18 +95,15 @@ class MemorySettings:
             raise ConfigError(f"lora_targets: choose from {', '.join(LORA_TARGETS)}, got "
                               f"{list(self.lora_targets)}")
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "vocab_size"):
-            if getattr(model, name) % tp:
-                raise ConfigError(f"tensor_model_parallel_size: {tp} does not divide "
-                                  f"{name} ({getattr(model, name)})")
-        if model.num_layers % pp:
-            raise ConfigError(f"pipeline_model_parallel_size: {pp} does not divide num_layers "
-                              f"({model.num_layers}); Megatron splits layers evenly")
+        try:  # the same TP/PP rules as the run config and the model builder
+            check_layout(model, model.num_layers, ParallelSizes(tp * pp, tp, pp))
+        except ValueError as exc:
+            raise ConfigError(str(exc).removeprefix("parallel.")) from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MemoryBreakdown:
-    """Bytes on the heaviest GPU, by component."""
+    """Bytes on one GPU (one pipeline rank), by component."""
 
     weights: int
     grads: int
@@ -140,20 +141,30 @@ class StageCost:
     """Trainable non-adapter parameters: new layers (+ embeddings, output layer, final norm)."""
     frozen_params: int
     adapter_params: int
-    memory: MemoryBreakdown
-    pipeline_rank: int
-    """The PP rank whose memory is reported (the heaviest)."""
+    pipeline_ranks: tuple[MemoryBreakdown, ...]
+    """Per-GPU memory of each pipeline rank (one entry without PP)."""
+
+    @property
+    def pipeline_rank(self) -> int:
+        """The heaviest pipeline rank (the first on ties): it sets the per-GPU peak."""
+        peaks = [memory.peak_bytes for memory in self.pipeline_ranks]
+        return peaks.index(max(peaks))
+
+    @property
+    def memory(self) -> MemoryBreakdown:
+        return self.pipeline_ranks[self.pipeline_rank]
 
     @property
     def peak_bytes(self) -> int:
         return self.memory.peak_bytes
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-ready dict with the counts, the breakdown and `peak_bytes`."""
+        """JSON-ready dict: counts, the heaviest rank's breakdown, `peak_bytes`, every rank."""
         return {"num_new_layers": self.num_new_layers, "num_layers": self.num_layers,
                 "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
                 "adapter_params": self.adapter_params, "pipeline_rank": self.pipeline_rank,
-                "bytes": self.memory.as_dict(), "peak_bytes": self.peak_bytes}
+                "bytes": self.memory.as_dict(), "peak_bytes": self.peak_bytes,
+                "pipeline_ranks": [memory.as_dict() for memory in self.pipeline_ranks]}
 
 
 def _linear_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -201,7 +212,8 @@ def _layer_params_per_rank(model: ModelConfig, settings: MemorySettings) -> tupl
     adapter = 0
     for name in settings.lora_targets:
         i, o = shapes[name]
-        # column-parallel: A [r, in] replicated, B [out/tp, r]; row-parallel: A [r, in/tp], B [out, r]
+        # column-parallel: A [r, in] replicated, B [out/tp, r]
+        # row-parallel: A [r, in/tp], B [out, r] replicated
         adapter += rank * (i + o // tp) if name in _COLUMN_PARALLEL else rank * (i // tp + o)
     return linear, 2 * model.hidden_size, adapter
 
@@ -256,12 +268,12 @@ def _paper_cost(model: ModelConfig, num_new: int, num_old: int,
                              main_grads=0, activations=0)
     return StageCost(num_new_layers=num_new, num_layers=num_old + num_new,
                      trainable_params=num_new * per_layer, frozen_params=num_old * per_layer,
-                     adapter_params=adapter, memory=memory, pipeline_rank=0)
+                     adapter_params=adapter, pipeline_ranks=(memory,))
 
 
 def _full_cost(model: ModelConfig, num_new: int, num_old: int,
                settings: MemorySettings) -> StageCost:
-    """The extended per-GPU model: the heaviest pipeline rank of this stage."""
+    """The extended per-GPU model, for every pipeline rank of this stage."""
     tp, pp = settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size
     depth = num_old + num_new
     bf16 = settings.params_dtype == "bf16"
@@ -276,12 +288,11 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
     has_output = model.untie_embeddings_and_output_weights or pp > 1
     new = set(new_layer_indices(num_old, num_new, settings.growth_position)
               if num_old else range(depth))
-    per_rank = depth // pp
-    worst: tuple[int, int, MemoryBreakdown] | None = None
-    for rank in range(pp):
-        layers = range(rank * per_rank, (rank + 1) * per_rank)
-        num_trainable = sum(index in new for index in layers)
-        num_frozen = per_rank - num_trainable
+    ranks = []
+    for rank, (first, count) in enumerate(zip(pipeline_offsets(depth, pp),
+                                              pipeline_split(depth, pp), strict=True)):
+        num_trainable = sum(index in new for index in range(first, first + count))
+        num_frozen = count - num_trainable
         trainable = num_trainable * (linear + norm) + num_frozen * adapter
         frozen_bytes = num_frozen * (linear * frozen_linear_bytes + norm * weight_bytes)
         vocab_tensors = (rank == 0) + (rank == pp - 1 and has_output)
@@ -289,16 +300,13 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
             trainable += vocab_tensors * vocab_rows
         else:
             frozen_bytes += vocab_tensors * vocab_rows * weight_bytes
-        trainable += norm // 2 if rank == pp - 1 else 0  # final RMSNorm
+        trainable += model.hidden_size if rank == pp - 1 else 0  # final RMSNorm
         shard = math.ceil(trainable / dp)
-        memory = MemoryBreakdown(
+        ranks.append(MemoryBreakdown(
             weights=weight_bytes * trainable + frozen_bytes, grads=grad_bytes * trainable,
             master_weights=4 * shard if bf16 else 0, optimizer_states=8 * shard,
             main_grads=4 * shard if grad_bytes == 2 else 0,
-            activations=_activation_bytes(model, settings, per_rank, pp - rank, rank == pp - 1))
-        if worst is None or memory.peak_bytes > worst[2].peak_bytes:
-            worst = (rank, trainable, memory)
-    assert worst is not None
+            activations=_activation_bytes(model, settings, count, pp - rank, rank == pp - 1)))
     per_layer = params_per_layer(model)
     vocab_params = _vocab_params(model)
     trainable_total = num_new * per_layer + model.hidden_size
@@ -311,7 +319,7 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
                      frozen_params=frozen_total,
                      adapter_params=num_old * lora_params_per_layer(model, settings.lora_rank,
                                                                     settings.lora_targets),
-                     memory=worst[2], pipeline_rank=worst[0])
+                     pipeline_ranks=tuple(ranks))
 
 
 def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
@@ -332,8 +340,8 @@ def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
         Whole-model parameter counts and the per-GPU breakdown of the heaviest PP rank.
 
     Raises:
-        ConfigError: naming the field when the stage is impossible (e.g. depth not divisible by
-            pipeline_model_parallel_size).
+        ConfigError: naming the field when the stage is impossible (a pipeline rank without
+            layers).
     """
     if num_new_layers < 1 or num_old_layers < 0:
         raise ConfigError(f"num_new_layers: need >= 1 new and >= 0 old layers, got "
@@ -341,9 +349,9 @@ def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
     if settings.memory_model == "paper":
         return _paper_cost(model, num_new_layers, num_old_layers, settings)
     pp = settings.pipeline_model_parallel_size
-    if (num_old_layers + num_new_layers) % pp:
-        raise ConfigError(f"pipeline_model_parallel_size: {pp} does not divide the stage depth "
-                          f"{num_old_layers + num_new_layers}")
+    if num_old_layers + num_new_layers < pp:
+        raise ConfigError(f"pipeline_model_parallel_size: {pp} pipeline stages > stage depth "
+                          f"{num_old_layers + num_new_layers}; every rank needs a layer")
     return _full_cost(model, num_new_layers, num_old_layers, settings)
 
 

@@ -52,8 +52,12 @@ def pipeline_layout(num_layers: int, pipeline_model_parallel_size: int) -> list[
 
 
 def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
-                       precision: PrecisionConfig) -> TransformerConfig:
-    """Megatron TransformerConfig of a `num_layers`-deep LLaMA (a STEP stage's depth)."""
+                       precision: PrecisionConfig, initialize: bool = True) -> TransformerConfig:
+    """Megatron TransformerConfig of a `num_layers`-deep LLaMA (a STEP stage's depth).
+
+    `initialize=False` skips weight initialisation and allocates directly on the current device,
+    for models whose weights are loaded or grown right after (and for meta-device builds).
+    """
     dtype = DTYPES[precision.params_dtype]
     pp = parallel.pipeline_model_parallel_size
     recompute = ({"recompute_granularity": "full", "recompute_method": "uniform",
@@ -76,7 +80,8 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
-        use_cpu_initialization=True,
+        use_cpu_initialization=initialize,
+        perform_initialization=initialize,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -94,13 +99,14 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
 
 def build_model(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
                 precision: PrecisionConfig, *, pre_process: bool,
-                post_process: bool) -> GPTModel:
+                post_process: bool, initialize: bool = True) -> GPTModel:
     """This pipeline rank's GPTModel of a `num_layers`-deep LLaMA, on the GPU when there is one.
 
     Megatron's model-parallel state must be initialised (see `parallel.init_distributed`) and
-    seeded (`model_parallel_cuda_manual_seed`) before the call.
+    seeded (`model_parallel_cuda_manual_seed`) before the call. With `initialize=False` the
+    weights are left uninitialised (fill them by loading a checkpoint or by growth).
     """
-    config = transformer_config(model, num_layers, parallel, precision)
+    config = transformer_config(model, num_layers, parallel, precision, initialize)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(precision),

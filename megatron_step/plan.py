@@ -13,11 +13,13 @@ P_i -> `stage_cost(...).peak_bytes` (memory.py, which also holds the extended pe
 
 Solver: every stage cost depends only on (n_i, N_{i-1}), so the minimax problem is a dynamic
 programme over (stage, depth so far): best[k][d] = min over n of max(cost(n, d), best[k+1][d + n]).
-It is exact, O(K L^2) cost look-ups (K=16, L=128 well under a second). Among plans with the same
+It is exact, O(K L^2) cost look-ups (K=16, L=128 well under a second), and needs no linearised
+cost: the full model's stage cost (pipeline placement, activations) is not linear in n_i, which an
+integer-programming formulation would require. Among plans with the same
 optimal peak it returns the lexicographically largest (n_1, n_2, ...): the most layers trained
 fully and early. Constraints: per-stage min/max new layers, `max_growth_factor` (n_i <= f N_{i-1}
-for i >= 2; unlimited by default since growth.py wraps round the gaps), and stage depths that are
-multiples of the pipeline-parallel size (Megatron splits layers evenly).
+for i >= 2; unlimited by default since growth.py wraps round the gaps), and a first stage of at
+least PP layers under the full model (every pipeline rank needs a layer).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class StageConstraints:
         if self.max_growth_factor is not None and self.max_growth_factor <= 0:
             raise ConfigError(f"max_growth_factor: must be > 0, got {self.max_growth_factor}")
         return values[0], values[1]
+
+
+NO_CONSTRAINTS = StageConstraints()
+DEFAULT_SETTINGS = MemorySettings()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,8 +138,8 @@ class BudgetPlan:
 
 
 def solve_splits(total_layers: int, num_stages: int, cost: Callable[[int, int], int],
-                 constraints: StageConstraints = StageConstraints(),
-                 depth_multiple: int = 1) -> tuple[int, ...]:
+                 constraints: StageConstraints = NO_CONSTRAINTS,
+                 min_depth: int = 1) -> tuple[int, ...]:
     """Exact minimax split of `total_layers` into `num_stages` positive stage sizes.
 
     Args:
@@ -141,7 +147,7 @@ def solve_splits(total_layers: int, num_stages: int, cost: Callable[[int, int], 
         num_stages: K >= 1.
         cost: cost(n_i, N_{i-1}) of a stage; only compared, never added.
         constraints: per-stage bounds and the growth limit.
-        depth_multiple: every N_i must be a multiple of it (the PP size).
+        min_depth: every N_i must be at least this (the PP size), i.e. n_1 >= min_depth.
 
     Returns:
         (n_1, ..., n_K) minimising max_i cost, the lexicographically largest such tuple.
@@ -155,8 +161,9 @@ def solve_splits(total_layers: int, num_stages: int, cost: Callable[[int, int], 
     factor = constraints.max_growth_factor
 
     def candidates(stage: int, depth: int) -> range:
-        """New-layer counts allowed for `stage` starting at `depth` (before the multiple test)."""
+        """New-layer counts allowed for `stage` starting at `depth`."""
         low, high = bounds[stage]
+        low = max(low, min_depth) if stage == 0 else low
         high = total_layers - depth if high is None else min(high, total_layers - depth)
         if stage > 0 and factor is not None:
             high = min(high, math.floor(factor * depth))
@@ -165,10 +172,9 @@ def solve_splits(total_layers: int, num_stages: int, cost: Callable[[int, int], 
     # best[k][d]: smallest achievable max cost of stages k..K-1 starting from depth d
     best: list[dict[int, int]] = [{} for _ in range(num_stages)] + [{total_layers: 0}]
     for stage in reversed(range(num_stages)):
-        starts = [0] if stage == 0 else range(stage, total_layers - num_stages + stage + 1)
+        first = min_depth + stage - 1  # stages before this one added >= min_depth + stage - 1
+        starts = [0] if stage == 0 else range(first, total_layers - num_stages + stage + 1)
         for depth in starts:
-            if depth % depth_multiple:
-                continue
             values = [max(cost(n, depth), best[stage + 1][depth + n])
                       for n in candidates(stage, depth) if depth + n in best[stage + 1]]
             if values:
@@ -176,7 +182,7 @@ def solve_splits(total_layers: int, num_stages: int, cost: Callable[[int, int], 
     if 0 not in best[0]:
         raise InfeasiblePlanError(
             f"num_stages: no split of {total_layers} layers into {num_stages} stages satisfies "
-            f"the constraints (stage depths multiple of {depth_multiple}, {constraints})")
+            f"the constraints (first stage >= {min_depth} layers, {constraints})")
     peak, depth, splits = best[0][0], 0, []
     for stage in range(num_stages):
         n = max(n for n in candidates(stage, depth) if depth + n in best[stage + 1]
@@ -192,14 +198,19 @@ def _stage_peak(model: ModelConfig, settings: MemorySettings, num_new: int, num_
     return stage_cost(model, num_new, num_old, settings).peak_bytes
 
 
+def _min_depth(settings: MemorySettings) -> int:
+    """Smallest stage depth: each pipeline rank needs a layer (the paper model has no PP)."""
+    return 1 if settings.memory_model == "paper" else settings.pipeline_model_parallel_size
+
+
 def plan_stages(model: ModelConfig, num_stages: int,
-                settings: MemorySettings = MemorySettings(),
-                constraints: StageConstraints = StageConstraints()) -> StagePlan:
+                settings: MemorySettings = DEFAULT_SETTINGS,
+                constraints: StageConstraints = NO_CONSTRAINTS) -> StagePlan:
     """The memory-optimal K-stage plan for `model` (K=1 is vanilla training).
 
     Args:
         model: target model; `model.num_layers` is the final depth L.
-        num_stages: K, 1 <= K <= L / pipeline_model_parallel_size.
+        num_stages: K, 1 <= K <= L - PP + 1 (the first stage fills every pipeline rank).
         settings: memory model and training setup.
         constraints: limits on the per-stage layer counts.
 
@@ -212,13 +223,13 @@ def plan_stages(model: ModelConfig, num_stages: int,
     """
     settings.validate(model)
     total = model.num_layers
-    multiple = 1 if settings.memory_model == "paper" else settings.pipeline_model_parallel_size
-    if not 1 <= num_stages <= total // multiple:
-        raise ConfigError(f"num_stages: must be in [1, {total // multiple}] for a "
-                          f"{total}-layer model with stage depths multiple of {multiple}, "
+    min_depth = _min_depth(settings)
+    if not 1 <= num_stages <= total - min_depth + 1:
+        raise ConfigError(f"num_stages: must be in [1, {total - min_depth + 1}] for a "
+                          f"{total}-layer model (first stage >= {min_depth} layers), "
                           f"got {num_stages}")
     splits = solve_splits(total, num_stages, functools.partial(_stage_peak, model, settings),
-                          constraints, multiple)
+                          constraints, min_depth)
     stages, depth = [], 0
     for n in splits:
         stages.append(stage_cost(model, n, depth, settings))
@@ -228,8 +239,8 @@ def plan_stages(model: ModelConfig, num_stages: int,
 
 
 def plan_for_budget(model: ModelConfig, budget_bytes: int,
-                    settings: MemorySettings = MemorySettings(),
-                    constraints: StageConstraints = StageConstraints(),
+                    settings: MemorySettings = DEFAULT_SETTINGS,
+                    constraints: StageConstraints = NO_CONSTRAINTS,
                     max_stages: int = MAX_STAGES) -> BudgetPlan:
     """The smallest K whose optimal per-GPU peak fits `budget_bytes`, or the best plan overall.
 
@@ -250,9 +261,8 @@ def plan_for_budget(model: ModelConfig, budget_bytes: int,
     if budget_bytes <= 0:
         raise ConfigError(f"memory_budget: must be > 0 bytes, got {budget_bytes}")
     settings.validate(model)
-    multiple = 1 if settings.memory_model == "paper" else settings.pipeline_model_parallel_size
     best: StagePlan | None = None
-    for num_stages in range(1, min(max_stages, model.num_layers // multiple) + 1):
+    for num_stages in range(1, min(max_stages, model.num_layers - _min_depth(settings) + 1) + 1):
         try:
             plan = plan_stages(model, num_stages, settings, constraints)
         except InfeasiblePlanError:
@@ -344,7 +354,8 @@ def write_plan(path: str | Path, plan: StagePlan, *, command: str,
               f"# memory model {plan.settings.memory_model}: per-GPU peak "
               f"{format_size(plan.peak_bytes)} vs vanilla {format_size(plan.vanilla_peak_bytes)}"
               f" (reduction {plan.reduction:.1%}), splits {list(plan.splits)}\n"
-              "# Use it from a run config as `stages: <this file>`.\n")
+              f"# assumes {describe_settings(plan.model, plan.settings)}\n"
+              "# Use it from a run config as `stages: <this file>` with the same layout.\n")
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     temporary.write_text(header + yaml.safe_dump({"stages": items}, sort_keys=False))
     os.replace(temporary, path)
@@ -352,6 +363,22 @@ def write_plan(path: str | Path, plan: StagePlan, *, command: str,
 
 def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
+
+
+def describe_settings(model: ModelConfig, settings: MemorySettings) -> str:
+    """One line with what the numbers assume (echoed above every table)."""
+    lora = (f"LoRA rank {settings.lora_rank} on {','.join(settings.lora_targets)}"
+            if settings.lora_rank else "no LoRA")
+    if settings.memory_model == "paper":
+        return f"memory model paper (transformer-layer model states only), {lora}"
+    parts = [f"memory model full, per GPU: TP={settings.tensor_model_parallel_size} "
+             f"PP={settings.pipeline_model_parallel_size} DP={settings.data_parallel_size}",
+             settings.params_dtype, f"micro-batch {settings.micro_batch_size} x seq "
+             f"{model.seq_length}", lora, f"{settings.attention_backend} attention"]
+    flags = ("use_distributed_optimizer", "grad_reduce_in_fp32", "fp8_frozen_storage",
+             "recompute_activations", "sequence_parallel", "freeze_embeddings_after_stage1")
+    parts += [name for name in flags if getattr(settings, name)]
+    return ", ".join(parts) + f", growth {settings.growth_position}"
 
 
 def format_plan(plan: StagePlan, title: str) -> str:
@@ -376,7 +403,8 @@ def format_plan(plan: StagePlan, title: str) -> str:
     footer = (f"{title}: {len(plan.stages)} stages {list(plan.splits)}, peak "
               f"{format_size(plan.peak_bytes)} per GPU vs vanilla "
               f"{format_size(plan.vanilla_peak_bytes)}: reduction {plan.reduction:.1%}")
-    return "\n".join([*lines, footer])
+    return "\n".join([f"{title}: {describe_settings(plan.model, plan.settings)}", *lines,
+                      footer])
 
 
 def format_summary_markdown(rows: Sequence[tuple[str, Sequence[StagePlan]]]) -> str:
