@@ -11,6 +11,7 @@ Loss = mean over unmasked tokens of the micro-batch, averaged over micro-batches
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -85,12 +86,14 @@ def train_step(chunks: Sequence[torch.nn.Module], optimizer: Any,
 
     Returns:
         `loss` (mean over micro-batches and DP ranks), `grad_norm`, and `skipped` (1.0 when
-        the optimizer rejected the step: non-finite gradients).
+        the step was not applied: a non-finite loss, or the optimizer rejected the gradients).
     """
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss = _run_schedule(chunks, microbatches, forward_only=False)
+    if not math.isfinite(loss):  # every rank holds the same loss: all skip the step together
+        return {"loss": loss, "grad_norm": float("nan"), "skipped": 1.0}
     ok, grad_norm, _ = optimizer.step()
     return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "skipped": 0.0 if ok else 1.0}

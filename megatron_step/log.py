@@ -16,9 +16,7 @@ from megatron_step.parallel import is_rank0
 
 logger = logging.getLogger("megatron_step")
 
-_NOISE = (
-    r".*Transformer Engine and Apex are not installed.*",
-    r".*Apex is not installed.*",
+_NOISE = (  # the TE/apex import warnings are filtered in megatron_step/__init__.py
     r".*full scope is deprecated.*",
     r".*torch\.distributed\.\w+ is deprecated.*",
     r".*`torch\.distributed\.\w+` is deprecated.*",

@@ -39,7 +39,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_step.config import LORA_TARGETS, ConfigError, GrowthPosition, ModelConfig
+from megatron_step.config import (
+    LORA_TARGETS,
+    ConfigError,
+    GrowthPosition,
+    ModelConfig,
+    RunConfig,
+    StageConfig,
+)
 from megatron_step.growth import new_layer_indices
 from megatron_step.layout import ParallelSizes, check_layout, pipeline_offsets, pipeline_split
 
@@ -376,3 +383,24 @@ def format_size(num_bytes: int) -> str:
     if num_bytes < 2**30:
         return f"{num_bytes / 2**20:.1f} MiB"
     return f"{num_bytes / 2**30:.2f} GiB"
+
+
+def run_settings(config: RunConfig, stage: StageConfig, data_parallel_size: int
+                 ) -> MemorySettings:
+    """The full-model settings that describe a training run's stage (trainer summaries)."""
+    from megatron_step import te
+
+    return MemorySettings(
+        lora_rank=stage.lora.rank, lora_targets=stage.lora.targets,
+        tensor_model_parallel_size=config.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.parallel.pipeline_model_parallel_size,
+        data_parallel_size=data_parallel_size,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        params_dtype=config.precision.params_dtype,
+        grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
+        fp8_frozen_storage=config.precision.fp8_frozen_storage,
+        micro_batch_size=config.train.micro_batch_size,
+        recompute_activations=config.parallel.recompute_activations,
+        attention_backend="flash" if te.HAVE_TE else "unfused",
+        freeze_embeddings_after_stage1=config.freeze_embeddings_after_stage1,
+        growth_position=stage.growth.position)

@@ -1,0 +1,486 @@
+"""Staged training: one YAML runs every STEP stage (train, grow, freeze + adapt, continue).
+
+    python -m megatron_step.train CONFIG.yaml [--set key=value ...]
+    torchrun --nproc-per-node N -m megatron_step.train CONFIG.yaml
+
+The loop, per stage i (a one-stage config is vanilla pre-training through the same code):
+1. stage 1 builds the model; a later stage merges the previous adapters and grows the live model
+   in memory (growth_online.grow_model);
+2. layers born before stage i are frozen and get LoRA adapters (lora.freeze_and_adapt), then a
+   fresh Megatron DDP + optimizer is built over the trainable parameters only;
+3. the stage trains for `grow_at_fraction * train_steps` steps (its whole planned schedule if it
+   is the last stage), with evaluation every `eval_interval` steps and ReLoRA restarts if set;
+4. the adapters are merged and a stage-end checkpoint is written; the last one is the final model.
+
+Resume: the same command with the same `out_dir` continues from the newest complete checkpoint
+(mid-stage or stage end) with the same data order (samples are indexed by global step) and the
+same RNG states. SIGTERM / SIGUSR1 (SLURM pre-emption) save a checkpoint, write
+`<out_dir>/PREEMPTED` and exit with code 75; a non-finite loss stops the run with code 3 and keeps
+the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_step import data, lora
+from megatron_step.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from megatron_step.config import ConfigError, RunConfig, StageConfig, dump_config, load_config
+from megatron_step.forward import evaluate, train_step
+from megatron_step.growth import default_provenance, provenance_from_meta
+from megatron_step.growth_online import grow_model
+from megatron_step.log import describe_backend, logger, setup_logging
+from megatron_step.memory import run_settings, stage_cost
+from megatron_step.metrics import (
+    MetricsLog,
+    max_over_ranks,
+    measure_model_state,
+    peak_memory_bytes,
+    plot_loss,
+    plot_memory,
+    read_metrics,
+    write_summary,
+)
+from megatron_step.model import build_model
+from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
+from megatron_step.parallel import Layout, destroy_distributed, init_distributed, is_rank0
+from megatron_step.tokenizer import load_tokenizer
+
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was written."""
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule: which steps each stage runs, where a global step lies
+
+
+def stage_steps(config: RunConfig) -> list[int]:
+    """Optimizer steps each stage runs: `grow_at_fraction` of its plan, all of it if last."""
+    return [stage.run_steps if i < len(config.stages) - 1 else stage.train_steps
+            for i, stage in enumerate(config.stages)]
+
+
+def last_relora_reset(stage: StageConfig, step: int) -> int | None:
+    """Stage step of the latest ReLoRA restart at or before `step` (None before the first)."""
+    if stage.relora is None or step < stage.relora.reset_interval:
+        return None
+    return step // stage.relora.reset_interval * stage.relora.reset_interval
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: a flag every rank agrees on at step boundaries
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 set a flag; `agreed()` makes all ranks stop at the same step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a stage needs besides its model: config, layout, data, outputs, progress."""
+
+    config: RunConfig
+    layout: Layout
+    out_dir: Path
+    train_data: Any
+    valid_data: Any
+    metrics: MetricsLog
+    stop: StopFlag
+    global_step: int = 0
+    stage_summaries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.global_batch_size * self.config.model.seq_length
+
+
+def _rank_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rank_state(state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _meta(run: Run, stage: int, stage_step: int, kind: str,
+          provenance: list[dict[str, Any]], adapters: dict[str, Any] | None) -> dict[str, Any]:
+    return {"kind": kind, "stage": stage, "stage_step": stage_step,
+            "global_step": run.global_step,
+            "consumed_samples": run.global_step * run.config.train.global_batch_size,
+            "model": dataclasses.asdict(run.config.model), "num_layers": len(provenance),
+            "layers": provenance, "adapters": adapters,
+            "precision": run.config.precision.params_dtype,
+            "run_config": json.loads(json.dumps(dataclasses.asdict(run.config))),
+            "stage_summaries": run.stage_summaries}
+
+
+def _save(run: Run, name: str, chunks: Sequence[torch.nn.Module], meta: dict[str, Any],
+          optimizer: Any = None) -> Path:
+    path = save_checkpoint(run.checkpoint_dir / name, chunks, meta, optimizer=optimizer,
+                           rank_state=_rank_state())
+    logger.info("saved checkpoint %s (stage %d, global step %d)", path, meta["stage"],
+                meta["global_step"])
+    return path
+
+
+def _prune_checkpoints(run: Run) -> None:
+    """Keep the newest `keep_last` mid-stage checkpoints; stage-end ones are always kept."""
+    if not is_rank0():
+        return
+    mid = [p for p in list_checkpoints(run.checkpoint_dir) if "-step" in p.name]
+    for path in mid[:-run.config.checkpoint.keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _evaluate(run: Run, ddp: Sequence[torch.nn.Module]) -> float | None:
+    if run.valid_data is None:
+        return None
+    train = run.config.train
+    batches = data.valid_microbatches(run.valid_data, train.eval_iters, train.micro_batch_size,
+                                      run.layout.dp_rank, run.layout.data_parallel_size)
+    return evaluate(ddp, batches)
+
+
+def _stage_prediction(run: Run, index: int) -> tuple[dict[str, int], int]:
+    """Planner prediction (heaviest pipeline rank) for a stage, and its peak bytes."""
+    stages = run.config.stages
+    old = stages[index - 2].num_layers if index > 1 else 0
+    stage = stages[index - 1]
+    settings = run_settings(run.config, stage, run.layout.data_parallel_size)
+    cost = stage_cost(run.config.model, stage.num_layers - old, old, settings)
+    return cost.memory.as_dict(), cost.peak_bytes
+
+
+def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
+                provenance: list[dict[str, Any]], resume: dict[str, Any] | None) -> None:
+    """Freeze + adapt, build DDP and optimizer, train one stage, merge, save its end state."""
+    config = run.config
+    stage = config.stages[index - 1]
+    steps = stage_steps(config)[index - 1]
+    frozen = {i for i, entry in enumerate(provenance) if entry["born_stage"] < index}
+    report = lora.freeze_and_adapt(chunks, frozen, stage.lora, seed=config.train.seed + index,
+                                   freeze_embeddings=index > 1
+                                   and config.freeze_embeddings_after_stage1)
+    ddp, optimizer = wrap_and_optimize(chunks, config.parallel, config.precision,
+                                       config.optimizer, stage.lr)
+    adapters = lora.adapter_meta(stage.lora, frozen)
+    start = 0
+    if resume is not None:
+        meta = load_checkpoint(resume["path"], chunks, optimizer)
+        _restore_rank_state(meta.get("rank_state"))
+        start = meta["stage_step"]
+    logger.info("stage %d/%d: %d layers (%d frozen + adapters rank %d, %d new), steps %d..%d; "
+                "params trainable %s, frozen %s, adapters %s", index, len(config.stages),
+                len(provenance), len(frozen), stage.lora.rank if frozen else 0,
+                len(provenance) - len(frozen), start, steps, f"{report.model.trainable:,}",
+                f"{report.model.frozen:,}", f"{report.model.adapter:,}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train = config.train
+    bar = tqdm(total=steps, initial=start, desc=f"stage {index}/{len(config.stages)}",
+               disable=not (is_rank0() and config.logging.progress_bar and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    wall_start = window_start = time.perf_counter()
+    window_steps = 0
+    valid_loss = None
+    for step in range(start, steps):
+        step_start = time.perf_counter()
+        set_learning_rate(optimizer, learning_rate(stage, step, last_relora_reset(stage, step)))
+        batches = data.step_microbatches(
+            run.train_data, consumed_samples=run.global_step * train.global_batch_size,
+            global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size,
+            dp_rank=run.layout.dp_rank, dp_size=run.layout.data_parallel_size)
+        result = train_step(ddp, optimizer, batches)
+        if not math.isfinite(result["loss"]):
+            raise Diverged(f"non-finite loss {result['loss']} at stage {index} step {step + 1} "
+                           f"(global step {run.global_step + 1}); the last good checkpoint is "
+                           f"{latest_checkpoint(run.checkpoint_dir)}")
+        run.global_step += 1
+        window_steps += 1
+        done = step + 1
+        if (stage.relora is not None and done % stage.relora.reset_interval == 0
+                and done < steps):
+            lora.relora_reset(chunks, optimizer, stage.relora, stage.lora,
+                              seed=config.train.seed + index, step=done)
+        record: dict[str, Any] = {
+            "step": run.global_step, "stage": index, "stage_step": done,
+            "loss": result["loss"], "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": result["grad_norm"], "tokens": run.global_step * run.tokens_per_step,
+            "tokens_per_s": run.tokens_per_step / max(time.perf_counter() - step_start, 1e-9),
+            "memory_bytes": peak_memory_bytes()}
+        if done % train.eval_interval == 0 or done == steps:
+            valid_loss = _evaluate(run, ddp)
+            if valid_loss is not None:
+                record["valid_loss"] = valid_loss
+                record["valid_ppl"] = math.exp(min(valid_loss, 50.0))
+        run.metrics.write(record)
+        if done % train.log_interval == 0 or done == steps or "valid_loss" in record:
+            elapsed = time.perf_counter() - window_start
+            rate = window_steps * run.tokens_per_step / max(elapsed, 1e-9)
+            eta = (steps - done) * elapsed / window_steps
+            logger.info("stage %d/%d step %d/%d | loss %.4f%s | lr %.3g | %.0f tok/s | ETA %s",
+                        index, len(config.stages), done, steps, result["loss"],
+                        f" | valid {valid_loss:.4f}" if "valid_loss" in record else "",
+                        record["lr"], rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+            window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{record['lr']:.2e}")
+        interval = config.checkpoint.save_interval
+        stopping = run.stop.agreed()
+        if stopping or (interval and done % interval == 0 and done < steps):
+            _save(run, f"stage{index}-step{run.global_step:07d}", chunks,
+                  _meta(run, index, done, "train", provenance, adapters), optimizer)
+            _prune_checkpoints(run)
+        if stopping:
+            bar.close()
+            raise Preempted(f"stop signal: checkpoint at stage {index} step {done}")
+    bar.close()
+    wall = time.perf_counter() - wall_start
+    predicted, predicted_peak = _stage_prediction(run, index)
+    measured = max_over_ranks({**measure_model_state(ddp, optimizer),
+                               "peak_bytes": peak_memory_bytes()})
+    if valid_loss is None:
+        valid_loss = _evaluate(run, ddp)
+    run.stage_summaries.append({
+        "stage": index, "num_layers": len(provenance),
+        "num_new_layers": len(provenance) - len(frozen), "frozen_layers": sorted(frozen),
+        "trainable_params": report.model.trainable - report.model.adapter,
+        "frozen_params": report.model.frozen, "adapter_params": report.model.adapter,
+        "predicted": {**predicted, "peak_bytes": predicted_peak}, "measured": measured,
+        "valid_loss": valid_loss,
+        "valid_ppl": math.exp(min(valid_loss, 50.0)) if valid_loss is not None else None,
+        "steps": steps - start, "tokens": (steps - start) * run.tokens_per_step,
+        "tokens_per_s": (steps - start) * run.tokens_per_step / max(wall, 1e-9),
+        "wall_s": wall})
+    lora.merge_adapters(chunks)
+    _save(run, f"stage{index}-end", chunks, _meta(run, index, steps, "stage_end", provenance,
+                                                  None))
+
+
+def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path) -> tuple[Any, Any]:
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the "
+                          f"vocabulary of data.tokenizer ({tokenizer.describe()}: "
+                          f"{tokenizer.vocab_size})")
+    prefix = config.data.path
+    if prefix == data.EMBEDDED:
+        prefix = data.prepare_embedded_dataset(out_dir / "data", tokenizer,
+                                               progress=is_rank0())
+    total = sum(stage_steps(config)) * config.train.global_batch_size
+    valid = (config.train.eval_iters * config.train.micro_batch_size
+             * layout.data_parallel_size)
+    return data.build_datasets(prefix, tokenizer, seq_length=config.model.seq_length,
+                               split=config.data.split, seed=config.train.seed,
+                               num_train_samples=total, num_valid_samples=valid,
+                               cache_dir=out_dir / "data" / "cache")
+
+
+def _write_run_files(config: RunConfig, out_dir: Path) -> None:
+    if not is_rank0():
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run_config.yaml").write_text(dump_config(config))
+    plan = {"stages": [{"stage": i + 1, "num_layers": s.num_layers, "steps": n}
+                       for i, (s, n) in enumerate(zip(config.stages, stage_steps(config),
+                                                      strict=True))]}
+    write_json_atomic(out_dir / "plan.json", plan)
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    """Summary, plots and the final model pointer (rank 0 writes)."""
+    config = run.config
+    final = run.checkpoint_dir / f"stage{len(config.stages)}-end"
+    last = config.stages[-1]
+    settings = run_settings(config, last, run.layout.data_parallel_size)
+    vanilla = stage_cost(config.model, config.model.num_layers, 0, settings)
+    summary = {"out_dir": str(run.out_dir), "final_checkpoint": str(final),
+               "global_steps": run.global_step,
+               "tokens": run.global_step * run.tokens_per_step,
+               "stages": run.stage_summaries,
+               "vanilla_predicted": {**vanilla.memory.as_dict(),
+                                     "peak_bytes": vanilla.peak_bytes},
+               "peak_bytes_predicted": max(s["predicted"]["peak_bytes"]
+                                           for s in run.stage_summaries),
+               "final_valid_loss": run.stage_summaries[-1]["valid_loss"],
+               "final_valid_ppl": run.stage_summaries[-1]["valid_ppl"]}
+    if is_rank0():
+        write_summary(run.out_dir, summary)
+        if config.logging.plots:
+            boundaries, total = [], 0
+            for steps in stage_steps(config)[:-1]:
+                total += steps
+                boundaries.append(total)
+            plot_loss(read_metrics(run.metrics.path), boundaries, run.out_dir / "loss.png")
+            plot_memory(run.stage_summaries, vanilla.memory.model_state_bytes,
+                        run.out_dir / "memory.png")
+    return summary
+
+
+def run_training(config: RunConfig) -> dict[str, Any]:
+    """Run (or resume) every stage of `config`; returns the summary dict.
+
+    Raises:
+        Preempted: a stop signal arrived (a checkpoint was written).
+        Diverged: the loss became non-finite.
+    """
+    out_dir = Path(config.out_dir)
+    layout = init_distributed(config.model, config.stages[0].num_layers, config.parallel,
+                              seed=config.train.seed)
+    logger.info("world %d = TP %d x PP %d x DP %d; %s", layout.world_size,
+                layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                layout.data_parallel_size, describe_backend())
+    _write_run_files(config, out_dir)
+    train_data, valid_data = _prepare_data(config, layout, out_dir)
+    resume_path = latest_checkpoint(out_dir / "checkpoints")
+    resume_meta = None
+    if resume_path is not None:
+        resume_meta = json.loads((resume_path / "megatron_step.json").read_text())
+        logger.info("resuming from %s (stage %d, global step %d)", resume_path,
+                    resume_meta["stage"], resume_meta["global_step"])
+    run = Run(config=config, layout=layout, out_dir=out_dir, train_data=train_data,
+              valid_data=valid_data,
+              metrics=MetricsLog(out_dir, tensorboard=config.logging.tensorboard,
+                                 resume_step=resume_meta["global_step"] if resume_meta else 0),
+              stop=StopFlag())
+    if is_rank0():
+        (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    chunks: list[torch.nn.Module] | None = None
+    provenance: list[dict[str, Any]] = []
+    first = 1
+    if resume_meta is not None:
+        run.global_step = resume_meta["global_step"]
+        run.stage_summaries = list(resume_meta.get("stage_summaries", []))
+        first = resume_meta["stage"] + (1 if resume_meta["kind"] == "stage_end" else 0)
+        provenance = provenance_from_meta(resume_meta, resume_meta["num_layers"])
+        if resume_meta["kind"] == "stage_end":
+            chunks = [_build(config, layout, len(provenance), initialize=False)]
+            load_checkpoint(resume_path, chunks)
+    try:
+        for index in range(first, len(config.stages) + 1):
+            stage = config.stages[index - 1]
+            resume = None
+            if chunks is None:
+                fresh = resume_meta is None
+                chunks = [_build(config, layout, stage.num_layers, initialize=fresh)]
+                provenance = default_provenance(stage.num_layers) if fresh else provenance
+                resume = None if fresh else {"path": resume_path}
+            elif stage.num_layers > len(provenance):
+                logger.info("growing %d -> %d layers (%s at %s%s)", len(provenance),
+                            stage.num_layers, stage.growth.operator, stage.growth.position,
+                            ", zero output" if stage.growth.zero_output else "")
+                chunks, provenance = grow_model(chunks, provenance, config.model,
+                                                stage.num_layers, stage.growth, config.parallel,
+                                                config.precision, index)
+            train_stage(run, index, chunks, provenance, resume)
+        return _finish(run)
+    finally:
+        run.metrics.close()
+
+
+def _build(config: RunConfig, layout: Layout, num_layers: int,
+           initialize: bool) -> torch.nn.Module:
+    return build_model(config.model, num_layers, config.parallel, config.precision,
+                       pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
+                       initialize=initialize)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m megatron_step.train",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config YAML (see examples/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.seed=3 "
+                             "--set stages[1].lora.rank=16 (repeatable)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_training(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Preempted as exc:
+        logger.warning("%s; exiting for requeue (code %d)", exc, EXIT_PREEMPTED)
+        if is_rank0():
+            (Path(config.out_dir) / PREEMPTED_MARKER).write_text(str(exc) + "\n")
+        return EXIT_PREEMPTED
+    except Diverged as exc:
+        logger.error("%s", exc)
+        return EXIT_DIVERGED
+    finally:
+        destroy_distributed()
+    logger.info("done: %d steps, final validation loss %s; summary %s/summary.json, "
+                "plots %s/loss.png and %s/memory.png, final model %s",
+                summary["global_steps"], summary["final_valid_loss"], config.out_dir,
+                config.out_dir, config.out_dir, summary["final_checkpoint"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
