@@ -40,11 +40,13 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_step.config import ModelConfig, load_model_config
 from megatron_step.optim import prepare_for_load
+from megatron_step.parallel import local_world
 
 META_FILE = "megatron_step.json"
 FORMAT_VERSION = 1
 # Per-layer keys (adapters on some layers need them) and the only DistributedOptimizer format that
-# reshards over TP, PP and DP (megatron_notes.md 1.3 and 3.2).
+# reshards over TP, PP and DP (megatron_notes.md 1.3 and 3.2). Always pass a copy: Megatron stores
+# the current `dp_cp_group` into the metadata dict it is given, in place.
 SHARDED_METADATA = {"non_homogeneous_layers": True,
                     "distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -72,8 +74,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def model_state_dict(chunks: Sequence[MegatronModule]) -> dict[str, Any]:
     """Sharded state dict of this rank's (unwrapped) model chunks, per-layer format."""
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=SHARDED_METADATA)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=SHARDED_METADATA)
+        return {"model": chunks[0].sharded_state_dict(metadata=dict(SHARDED_METADATA))}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=dict(SHARDED_METADATA))
             for i, chunk in enumerate(chunks)}
 
 
@@ -95,7 +97,7 @@ def save_checkpoint(path: str | Path, chunks: Sequence[MegatronModule], meta: di
     state = model_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"],
-                                                          metadata=SHARDED_METADATA)
+                                                          metadata=dict(SHARDED_METADATA))
     return _save_atomic(Path(path), state, {"has_optimizer": optimizer is not None, **meta},
                         rank_state)
 
@@ -128,34 +130,39 @@ def _save_atomic(path: Path, state: dict[str, Any], meta: dict[str, Any],
 def load_full_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint as one full (unsharded) tensor, keyed by checkpoint key.
 
-    Works in a single process whatever the TP/PP the checkpoint was saved at; optimizer state
+    Works in a single process (a one-process world is made if none exists) whatever the TP/PP
+    the checkpoint was saved at; optimizer state
     keys (`optimizer.*`) are left out. The whole model must fit in this process's memory.
     """
     path = Path(path)
     read_meta(path)
-    tensors = dist_checkpointing.load_plain_tensors(str(path))
+    with local_world():  # megatron's loader asks torch.distributed for the rank
+        tensors = dist_checkpointing.load_plain_tensors(str(path))
     return {k: v for k, v in tensors.items()
             if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
 
 
 def save_full_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                      meta: dict[str, Any]) -> Path:
+                      meta: dict[str, Any], *, split_over_ranks: bool = False) -> Path:
     """Save full tensors (per-layer checkpoint keys) as a checkpoint any TP/PP can load.
 
     Collective over the current world, but only rank 0 writes tensors (replica 0); call it from
-    a one-process world (`parallel.local_world()`) for small models. Each `linear_*` module gets
-    the empty `_extra_state` object Megatron's loader expects (its TE FP8 metadata slot).
+    a one-process world (`parallel.local_world()`) for small models. With `split_over_ranks`,
+    each rank passes a disjoint share of the keys and writes its share itself (the parallel
+    offline growth tool). Each `linear_*` module gets the empty `_extra_state` object Megatron's
+    loader expects (its TE FP8 metadata slot).
     """
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
+    replica = 0 if split_over_ranks else _rank()
     state: dict[str, Any] = {}
     for key, tensor in tensors.items():
         state[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(),
-                                                     replica_id=_rank())
+                                                     replica_id=replica)
         module, _, leaf = key.rpartition(".")
         if leaf == "weight" and module.rpartition(".")[2].startswith("linear_"):
             extra = f"{module}._extra_state"
-            state[extra] = ShardedObject(extra, None, (1,), (0,), replica_id=_rank())
+            state[extra] = ShardedObject(extra, None, (1,), (0,), replica_id=replica)
     return _save_atomic(Path(path), state, meta, None)
 
 
@@ -218,7 +225,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[MegatronModule],
             raise CheckpointError(f"checkpoint {str(path)!r} holds no optimizer state")
         prepare_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
-                                                          metadata=SHARDED_METADATA)
+                                                          metadata=dict(SHARDED_METADATA))
     loaded = dist_checkpointing.load(state, str(path))
     loaded.pop("content_metadata", None)
     for index, chunk in enumerate(chunks):

@@ -64,7 +64,7 @@ from megatron_step.metrics import (
 from megatron_step.model import build_model
 from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
 from megatron_step.parallel import Layout, destroy_distributed, init_distributed, is_rank0
-from megatron_step.tokenizer import load_tokenizer
+from megatron_step.tokenizer import TokenizerError, load_tokenizer
 
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
@@ -462,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run_training(config)
-    except ConfigError as exc:
+        logger.info("done: %d steps, final validation loss %s; summary %s/summary.json, "
+                    "plots %s/loss.png and %s/memory.png, final model %s",
+                    summary["global_steps"], summary["final_valid_loss"], config.out_dir,
+                    config.out_dir, config.out_dir, summary["final_checkpoint"])
+        return 0
+    except (ConfigError, data.DataError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Preempted as exc:
@@ -475,11 +480,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     finally:
         destroy_distributed()
-    logger.info("done: %d steps, final validation loss %s; summary %s/summary.json, "
-                "plots %s/loss.png and %s/memory.png, final model %s",
-                summary["global_steps"], summary["final_valid_loss"], config.out_dir,
-                config.out_dir, config.out_dir, summary["final_checkpoint"])
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 reason=f"not run: needs Transformer Engine ({te.TE_UNAVAILABLE_REASON})"))
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run in which nothing passed (all skipped or deselected) is a failure, not a success."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    passed = len(reporter.stats.get("passed", [])) if reporter is not None else 0
+    if exitstatus == 0 and passed == 0:
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+
+
 @pytest.fixture
 def tiny() -> ModelConfig:
     """The test-suite model: 4 layers, hidden 64, 4 heads, 2 query groups, vocab 256."""
