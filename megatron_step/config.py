@@ -246,7 +246,9 @@ class StageConfig:
     """
 
     num_layers: int
-    """Total depth after this stage's growth (N_i in the paper)."""
+    """Total depth after this stage's growth (N_i in the paper). Equal to the previous stage's
+    depth, the stage grows nothing and trains every layer through adapters (a ReLoRA-style
+    parameter-efficient stage)."""
     train_steps: int
     """Planned length of this stage's schedule (T_i); the stage runs grow_at_fraction of it."""
     lr: float = 1e-3
@@ -389,14 +391,18 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     freeze_embeddings_after_stage1: bool = False
+    """From stage 2 on, freeze the word embeddings and output layer too (not adapted)."""
+    init_checkpoint: str | None = None
+    """A megatron_step checkpoint (e.g. from tools/import_hf.py) of stages[0].num_layers layers
+    that stands for a finished stage 1: the run starts by growing it into stage 2."""
 
     def validate(self, path: str) -> None:
         _check("out_dir", bool(self.out_dir), "must be a non-empty path")
         _check("stages", len(self.stages) > 0, "must list at least one stage")
         previous = 0
         for i, stage in enumerate(self.stages):
-            _check(_path(_path("stages", i), "num_layers"), stage.num_layers > previous,
-                   f"must grow the model: {stage.num_layers} <= previous depth {previous}")
+            _check(_path(_path("stages", i), "num_layers"), stage.num_layers >= previous,
+                   f"must not shrink the model: {stage.num_layers} < previous depth {previous}")
             if i == 0:
                 _check(_path(_path("stages", i), "relora"), stage.relora is None,
                        "stage 1 trains every layer fully; ReLoRA applies to adapted stages")

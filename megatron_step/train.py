@@ -42,6 +42,7 @@ from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_meta,
     save_checkpoint,
     write_json_atomic,
 )
@@ -346,14 +347,14 @@ def _write_run_files(config: RunConfig, out_dir: Path) -> None:
     write_json_atomic(out_dir / "plan.json", plan)
 
 
-def _finish(run: Run) -> dict[str, Any]:
-    """Summary, plots and the final model pointer (rank 0 writes)."""
+def _finish(run: Run, last: int) -> dict[str, Any]:
+    """Summary, plots and the final model pointer (rank 0 writes), after stage `last`."""
     config = run.config
-    final = run.checkpoint_dir / f"stage{len(config.stages)}-end"
-    last = config.stages[-1]
-    settings = run_settings(config, last, run.layout.data_parallel_size)
+    final = run.checkpoint_dir / f"stage{last}-end"
+    settings = run_settings(config, config.stages[-1], run.layout.data_parallel_size)
     vanilla = stage_cost(config.model, config.model.num_layers, 0, settings)
     summary = {"out_dir": str(run.out_dir), "final_checkpoint": str(final),
+               "complete": last == len(config.stages),
                "global_steps": run.global_step,
                "tokens": run.global_step * run.tokens_per_step,
                "stages": run.stage_summaries,
@@ -367,7 +368,7 @@ def _finish(run: Run) -> dict[str, Any]:
         write_summary(run.out_dir, summary)
         if config.logging.plots:
             boundaries, total = [], 0
-            for steps in stage_steps(config)[:-1]:
+            for steps in stage_steps(config)[:last - 1]:
                 total += steps
                 boundaries.append(total)
             plot_loss(read_metrics(run.metrics.path), boundaries, run.out_dir / "loss.png")
@@ -376,12 +377,28 @@ def _finish(run: Run) -> dict[str, Any]:
     return summary
 
 
-def run_training(config: RunConfig) -> dict[str, Any]:
-    """Run (or resume) every stage of `config`; returns the summary dict.
+def _starting_point(config: RunConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint a run continues from: the newest complete one under `out_dir`, else the
+    configured `init_checkpoint` (a model that stands for the end of stage 1), else none."""
+    path = latest_checkpoint(Path(config.out_dir) / "checkpoints")
+    if path is None and config.init_checkpoint:
+        path = Path(config.init_checkpoint)
+        meta = read_meta(path)
+        if meta["num_layers"] != config.stages[0].num_layers:
+            raise ConfigError(f"init_checkpoint: {path} holds {meta['num_layers']} layers, but "
+                              f"stages[0].num_layers is {config.stages[0].num_layers}")
+        return path, {**meta, "kind": "stage_end", "stage": 1, "global_step": 0,
+                      "layers": None, "stage_summaries": []}
+    return path, (read_meta(path) if path is not None else None)
+
+
+def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the stages of `config`, up to `until_stage`; returns the summary dict.
 
     Raises:
         Preempted: a stop signal arrived (a checkpoint was written).
         Diverged: the loss became non-finite.
+        ConfigError: the starting checkpoint does not fit the config.
     """
     out_dir = Path(config.out_dir)
     layout = init_distributed(config.model, config.stages[0].num_layers, config.parallel,
@@ -391,39 +408,38 @@ def run_training(config: RunConfig) -> dict[str, Any]:
                 layout.data_parallel_size, describe_backend())
     _write_run_files(config, out_dir)
     train_data, valid_data = _prepare_data(config, layout, out_dir)
-    resume_path = latest_checkpoint(out_dir / "checkpoints")
-    resume_meta = None
-    if resume_path is not None:
-        resume_meta = json.loads((resume_path / "megatron_step.json").read_text())
-        logger.info("resuming from %s (stage %d, global step %d)", resume_path,
-                    resume_meta["stage"], resume_meta["global_step"])
+    start_path, start = _starting_point(config)
     run = Run(config=config, layout=layout, out_dir=out_dir, train_data=train_data,
               valid_data=valid_data,
               metrics=MetricsLog(out_dir, tensorboard=config.logging.tensorboard,
-                                 resume_step=resume_meta["global_step"] if resume_meta else 0),
+                                 resume_step=start["global_step"] if start else 0),
               stop=StopFlag())
     if is_rank0():
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     chunks: list[torch.nn.Module] | None = None
     provenance: list[dict[str, Any]] = []
-    first = 1
-    if resume_meta is not None:
-        run.global_step = resume_meta["global_step"]
-        run.stage_summaries = list(resume_meta.get("stage_summaries", []))
-        first = resume_meta["stage"] + (1 if resume_meta["kind"] == "stage_end" else 0)
-        provenance = provenance_from_meta(resume_meta, resume_meta["num_layers"])
-        if resume_meta["kind"] == "stage_end":
+    first, resume = 1, None
+    if start is not None:
+        # kinds: "train" = mid-stage (adapters + optimizer: loaded by train_stage), "stage_end"
+        # = a finished stage, "grown" = offline growth for the stage in its metadata
+        logger.info("continuing from %s (%s, stage %d, global step %d)", start_path,
+                    start["kind"], start["stage"], start["global_step"])
+        run.global_step = start["global_step"]
+        run.stage_summaries = list(start.get("stage_summaries") or [])
+        first = start["stage"] + (1 if start["kind"] == "stage_end" else 0)
+        provenance = provenance_from_meta(start, start["num_layers"])
+        if start["kind"] == "train":
+            resume = {"path": start_path}
+        else:
             chunks = [_build(config, layout, len(provenance), initialize=False)]
-            load_checkpoint(resume_path, chunks)
+            load_checkpoint(start_path, chunks)
+    last = min(until_stage or len(config.stages), len(config.stages))
     try:
-        for index in range(first, len(config.stages) + 1):
+        for index in range(first, last + 1):
             stage = config.stages[index - 1]
-            resume = None
             if chunks is None:
-                fresh = resume_meta is None
-                chunks = [_build(config, layout, stage.num_layers, initialize=fresh)]
-                provenance = default_provenance(stage.num_layers) if fresh else provenance
-                resume = None if fresh else {"path": resume_path}
+                chunks = [_build(config, layout, stage.num_layers, initialize=start is None)]
+                provenance = provenance or default_provenance(stage.num_layers)
             elif stage.num_layers > len(provenance):
                 logger.info("growing %d -> %d layers (%s at %s%s)", len(provenance),
                             stage.num_layers, stage.growth.operator, stage.growth.position,
@@ -431,8 +447,12 @@ def run_training(config: RunConfig) -> dict[str, Any]:
                 chunks, provenance = grow_model(chunks, provenance, config.model,
                                                 stage.num_layers, stage.growth, config.parallel,
                                                 config.precision, index)
+            if len(provenance) != stage.num_layers:
+                raise ConfigError(f"stages[{index - 1}].num_layers: {stage.num_layers}, but the "
+                                  f"checkpoint {start_path} has {len(provenance)} layers")
             train_stage(run, index, chunks, provenance, resume)
-        return _finish(run)
+            resume = None
+        return _finish(run, last)
     finally:
         run.metrics.close()
 
@@ -453,15 +473,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.seed=3 "
                              "--set stages[1].lora.rank=16 (repeatable)")
+    parser.add_argument("--until-stage", type=int, metavar="I",
+                        help="stop after stage I (1-based) has finished and been saved; "
+                             "for one-job-per-stage schedules (slurm/submit_chain.sh)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         config = load_config(args.config, args.set)
+        if args.until_stage is not None and not 1 <= args.until_stage <= len(config.stages):
+            raise ConfigError(f"--until-stage: must be in [1, {len(config.stages)}], got "
+                              f"{args.until_stage}")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_training(config)
+        summary = run_training(config, until_stage=args.until_stage)
         logger.info("done: %d steps, final validation loss %s; summary %s/summary.json, "
                     "plots %s/loss.png and %s/memory.png, final model %s",
                     summary["global_steps"], summary["final_valid_loss"], config.out_dir,

@@ -55,7 +55,7 @@ def test_preset_fields_can_be_overridden() -> None:
     ({"stages[1].lora.targets": "[linear_qkv, q_proj]"},
      "stages[1].lora.targets[1]: unknown target 'q_proj'"),
     ({"stages[1].growth.operator": "splice"}, "stages[1].growth.operator: must be one of"),
-    ({"stages[1].num_layers": 3}, "stages[1].num_layers: must grow the model: 3 <= previous"),
+    ({"stages[1].num_layers": 3}, "stages[1].num_layers: must not shrink the model: 3 < previous"),
     ({"stages[1].grow_at_fraction": 1.5}, "stages[1].grow_at_fraction: must be in (0, 1]"),
     ({"parallel.tensor_model_parallel_size": 3},
      "parallel.tensor_model_parallel_size: 3 does not divide model.num_attention_heads (4)"),
