@@ -150,7 +150,8 @@ class PrecisionConfig:
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     fp8_frozen_storage: bool = False
-    """Store frozen base weights in FP8 (1 byte/param) through TE; merges then go via bf16."""
+    """Store frozen base weights in FP8 (1 byte/param) through TE. Reserved: refused until
+    implemented (needs a GPU with TE to build and test); the planner models it already."""
     grad_reduce_in_fp32: bool = True
     """With bf16 params, accumulate and all-reduce gradients in fp32 (4 B per trainable param),
     as Megatron-LM does for bf16; false keeps bf16 gradient buffers (2 B)."""
@@ -159,6 +160,10 @@ class PrecisionConfig:
         if self.fp8_frozen_storage:
             _check(_path(path, "fp8_frozen_storage"), self.fp8 is not None,
                    "needs precision.fp8 to be set ('e4m3' or 'hybrid')")
+            _fail(_path(path, "fp8_frozen_storage"),
+                  "not implemented yet: frozen weights stay in params_dtype (FP8 compute via "
+                  "precision.fp8 works); the planner can still estimate it "
+                  "(tools/plan_stages.py --fp8-frozen-storage)")
 
 
 # ---------------------------------------------------------------------------------------------

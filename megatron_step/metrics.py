@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.log import logger
+from megatron_step.optim import leaf_optimizers
 from megatron_step.parallel import is_rank0
 
 
@@ -33,11 +34,6 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    leaves = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [getattr(leaf, "optimizer", leaf) for leaf in leaves]
 
 
 def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict[str, int]:
@@ -67,7 +63,7 @@ def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> di
     grads = sum(_nbytes(buffer.grad_data) for chunk in chunks
                 for buffer in getattr(chunk, "buffers", []) if buffer.grad_data is not None)
     master = states = 0
-    for inner in _inner_optimizers(optimizer):
+    for inner in (leaf.optimizer for leaf in leaf_optimizers(optimizer)):
         for group in inner.param_groups:
             for param in group["params"]:
                 if _storage_key(param) not in seen:

@@ -5,18 +5,31 @@ embeddings, grouped-query attention when `num_query_groups < num_attention_heads
 is Transformer Engine's when TE imports (GPU), Megatron's local spec otherwise; both give the same
 checkpoint keys, so checkpoints move between them.
 
-Weights are initialised on the CPU from full "master" tensors (`use_cpu_initialization`), which
-makes a model built at TP=2 hold exactly the shards of the TP=1 model for the same seed; losses
-are then comparable across layouts (megatron_notes.md, pitfall 3).
+Initial weights do not depend on the parallel layout. Megatron initialises on the CPU from full
+"master" tensors (`use_cpu_initialization`), which makes a TP=2 model hold exactly the shards of
+the TP=1 model (megatron_notes.md, pitfall 3); and `SeededTransformerLayer` re-seeds the CPU
+generator before building each layer from (seed, global layer index), so a layer is initialised
+the same whichever pipeline rank builds it (Megatron alone gives every pipeline rank the same
+generator state, so layer 2 on PP rank 1 would repeat layer 0). The embedding is built before any
+layer and the output layer after the last one, so they match too: same seed -> same model at any
+TP x PP.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
 
 from megatron_step import te
 from megatron_step.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -25,8 +38,22 @@ from megatron_step.layout import pipeline_split
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def layer_spec(precision: PrecisionConfig) -> ModuleSpec:
-    """TE spec with Transformer Engine, the local (pure megatron-core) spec without.
+class SeededTransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer, initialised from (init_seed, global layer index) only."""
+
+    def __init__(self, config: TransformerConfig, submodules: Any, layer_number: int = 1, *,
+                 init_seed: int, **kwargs: Any) -> None:
+        if config.perform_initialization:
+            offset = get_transformer_layer_offset(
+                config, kwargs.get("vp_stage"), parallel_state.get_pipeline_model_parallel_rank())
+            index = layer_number - 1 + offset
+            torch.default_generator.manual_seed(init_seed * 1_000_003 + index)
+        super().__init__(config, submodules, layer_number, **kwargs)
+
+
+def layer_spec(precision: PrecisionConfig, seed: int = 1234) -> ModuleSpec:
+    """TE spec with Transformer Engine, the local (pure megatron-core) spec without; layers are
+    seeded per global index (`SeededTransformerLayer`).
 
     Raises:
         ValueError: FP8 requested (`precision.fp8`) but Transformer Engine is not available.
@@ -34,10 +61,13 @@ def layer_spec(precision: PrecisionConfig) -> ModuleSpec:
     if precision.fp8 is not None:
         te.require_te("precision.fp8", precision.fp8)
     if te.HAVE_TE:
-        return te.te_layer_spec()
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        spec = te.te_layer_spec()
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return dataclasses.replace(spec, module=SeededTransformerLayer,
+                               params={**spec.params, "init_seed": seed})
 
 
 def pipeline_layout(num_layers: int, pipeline_model_parallel_size: int) -> list[list[str]] | None:
@@ -99,17 +129,18 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
 
 def build_model(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
                 precision: PrecisionConfig, *, pre_process: bool,
-                post_process: bool, initialize: bool = True) -> GPTModel:
+                post_process: bool, initialize: bool = True, seed: int = 1234) -> GPTModel:
     """This pipeline rank's GPTModel of a `num_layers`-deep LLaMA, on the GPU when there is one.
 
     Megatron's model-parallel state must be initialised (see `parallel.init_distributed`) and
     seeded (`model_parallel_cuda_manual_seed`) before the call. With `initialize=False` the
-    weights are left uninitialised (fill them by loading a checkpoint or by growth).
+    weights are left uninitialised (fill them by loading a checkpoint or by growth); otherwise
+    `seed` decides them, whatever the TP/PP layout.
     """
     config = transformer_config(model, num_layers, parallel, precision, initialize)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(precision),
+        transformer_layer_spec=layer_spec(precision, seed),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

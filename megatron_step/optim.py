@@ -116,13 +116,14 @@ def build_optimizer(chunks: Sequence[DistributedDataParallel], parallel: Paralle
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     megatron_optimizer = get_megatron_optimizer(megatron_config, list(chunks))
-    for inner in _leaf_optimizers(megatron_optimizer):
+    for inner in leaf_optimizers(megatron_optimizer):
         if isinstance(inner, DistributedOptimizer) and _uses_torch_adam(inner):
             _fix_torch_adam_distopt(inner)
     return megatron_optimizer
 
 
-def _leaf_optimizers(optimizer: torch.optim.Optimizer) -> list:
+def leaf_optimizers(optimizer: torch.optim.Optimizer) -> list:
+    """The Megatron optimizers inside a (possibly chained) Megatron optimizer."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
@@ -169,7 +170,7 @@ def prepare_for_load(optimizer: torch.optim.Optimizer) -> None:
     loading sharded state dict) asserts a single `step` across parameters. Zero state of the
     right shape is exactly what a never-stepped Adam would hold.
     """
-    for inner in _leaf_optimizers(optimizer):
+    for inner in leaf_optimizers(optimizer):
         if not (isinstance(inner, DistributedOptimizer) and _uses_torch_adam(inner)):
             continue
         for group in inner.optimizer.param_groups:

@@ -5,6 +5,12 @@ needs CUDA). Everything else in megatron_step asks this module for the backend: 
 when `HAVE_TE`, Megatron's local spec (torch RMSNorm, plain parallel linears) otherwise. FP8 needs
 TE; asking for it without TE is an error that names the field and the way out, because megatron-core
 would otherwise silently run in full precision (its FP8 context is a `nullcontext` without TE).
+
+LoRA hooks (used by lora.py, which never imports TE itself): `te_linear_kind` says how a TE linear
+is split over TP; `lora_branch_input` re-applies the norm that TE fuses into LayerNormLinear
+(Megatron builds it with return_layernorm_output=False, so the adapter only sees the raw input);
+`check_mergeable` refuses merges into FP8-stored weights. With FP8 on, frozen and new layers
+compute in FP8 under Megatron's TE autocast while the LoRA branch runs in `fp8_disabled()`.
 """
 
 from __future__ import annotations
@@ -70,3 +76,56 @@ def fp8_disabled() -> Iterator[None]:
 
     with te_pytorch.fp8_autocast(enabled=False):
         yield
+
+
+def te_linear_kind(module: torch.nn.Module) -> str | None:
+    """'column' / 'row' for Megatron's TE parallel linears; None otherwise or without TE."""
+    if not HAVE_TE:
+        return None
+    from megatron.core.extensions import transformer_engine as megatron_te
+
+    if isinstance(module, megatron_te.TELayerNormColumnParallelLinear
+                  | megatron_te.TEColumnParallelLinear):
+        return "column"
+    if isinstance(module, megatron_te.TERowParallelLinear):
+        return "row"
+    return None
+
+
+def lora_branch_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input the LoRA branch of `module` must see: x, normalised for TE LayerNormLinear.
+
+    TE fuses the layer's RMSNorm/LayerNorm into LayerNormLinear (linear_qkv, linear_fc1 of the
+    TE spec) and never hands the normalised input out, so the branch recomputes it in fp32 with
+    the module's own norm weight and epsilon.
+    """
+    if not HAVE_TE:
+        return x
+    from transformer_engine.pytorch import LayerNormLinear
+
+    if not isinstance(module, LayerNormLinear):
+        return x
+    weight = module.layer_norm_weight.float()
+    if module.zero_centered_gamma:
+        weight = weight + 1.0
+    xf = x.float()
+    if module.normalization == "RMSNorm":
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + module.eps) * weight
+    else:
+        bias = module.layer_norm_bias.float()
+        y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), weight, bias, module.eps)
+    return y.to(x.dtype)
+
+
+def check_mergeable(weight: torch.Tensor, name: str) -> None:
+    """Raise ValueError when `weight` is stored in FP8 (a TE QuantizedTensor).
+
+    Adding a LoRA delta to an FP8 weight and re-quantising rounds most of the delta away: it is
+    far below the FP8 step of the weight. Merge into a bf16 copy instead.
+    """
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if is_float8tensor(weight):
+        raise ValueError(f"{name}: the base weight is stored in FP8; merging the LoRA delta into "
+                         "it would round the delta away. Keep weights that receive merges in "
+                         "bf16 (precision.fp8_frozen_storage: false), or merge into a bf16 copy")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_step import data, lora
+from megatron_step import data, lora, relora
 from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -46,7 +46,7 @@ from megatron_step.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from megatron_step.config import ConfigError, RunConfig, StageConfig, dump_config, load_config
+from megatron_step.config import ConfigError, RunConfig, dump_config, load_config
 from megatron_step.forward import evaluate, train_step
 from megatron_step.growth import default_provenance, provenance_from_meta
 from megatron_step.growth_online import grow_model
@@ -88,13 +88,6 @@ def stage_steps(config: RunConfig) -> list[int]:
     """Optimizer steps each stage runs: `grow_at_fraction` of its plan, all of it if last."""
     return [stage.run_steps if i < len(config.stages) - 1 else stage.train_steps
             for i, stage in enumerate(config.stages)]
-
-
-def last_relora_reset(stage: StageConfig, step: int) -> int | None:
-    """Stage step of the latest ReLoRA restart at or before `step` (None before the first)."""
-    if stage.relora is None or step < stage.relora.reset_interval:
-        return None
-    return step // stage.relora.reset_interval * stage.relora.reset_interval
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +238,8 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     valid_loss = None
     for step in range(start, steps):
         step_start = time.perf_counter()
-        set_learning_rate(optimizer, learning_rate(stage, step, last_relora_reset(stage, step)))
+        set_learning_rate(optimizer, learning_rate(stage, step,
+                                                   relora.last_reset_step(stage.relora, step)))
         batches = data.step_microbatches(
             run.train_data, consumed_samples=run.global_step * train.global_batch_size,
             global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size,
@@ -258,10 +252,9 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         run.global_step += 1
         window_steps += 1
         done = step + 1
-        if (stage.relora is not None and done % stage.relora.reset_interval == 0
-                and done < steps):
-            lora.relora_reset(chunks, optimizer, stage.relora, stage.lora,
-                              seed=config.train.seed + index, step=done)
+        if relora.is_reset_step(stage.relora, done) and done < steps:
+            relora.relora_reset(chunks, optimizer, stage.relora,
+                                seed=config.train.seed + index, step=done)
         record: dict[str, Any] = {
             "step": run.global_step, "stage": index, "stage_step": done,
             "loss": result["loss"], "lr": optimizer.param_groups[0]["lr"],
@@ -461,7 +454,7 @@ def _build(config: RunConfig, layout: Layout, num_layers: int,
            initialize: bool) -> torch.nn.Module:
     return build_model(config.model, num_layers, config.parallel, config.precision,
                        pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
-                       initialize=initialize)
+                       initialize=initialize, seed=config.train.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ def build_world_model(model: ModelConfig, num_layers: int, parallel: ParallelCon
     """Initialise Megatron's groups for `parallel` and build this rank's fp32 GPTModel."""
     layout = init_distributed(model, num_layers, parallel, seed=seed)
     gpt = build_model(model, num_layers, parallel, FP32, pre_process=layout.is_first_stage,
-                      post_process=layout.is_last_stage)
+                      post_process=layout.is_last_stage, seed=seed)
     return layout, gpt
 
 

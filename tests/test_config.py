@@ -63,6 +63,8 @@ def test_preset_fields_can_be_overridden() -> None:
      "parallel.pipeline_model_parallel_size: 8 pipeline stages > stages[0].num_layers = 4"),
     ({"train.global_batch_size": 7}, "train.global_batch_size: 7 is not a multiple of"),
     ({"precision.fp8_frozen_storage": True}, "precision.fp8_frozen_storage: needs precision.fp8"),
+    ({"precision.fp8_frozen_storage": True, "precision.fp8": "hybrid"},
+     "precision.fp8_frozen_storage: not implemented yet"),
     ({"stages[1].relora": "{reset_interval: 4, rewarmup_steps: 4}"},
      "stages[1].relora.rewarmup_steps: 4 must be < reset_interval (4)"),
     ({"model.num_layers": 8}, "stages[1].num_layers: the last stage must reach model.num_layers"),

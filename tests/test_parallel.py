@@ -62,6 +62,23 @@ def test_layout_matches_single_process_logits_and_loss(reference, tp: int, pp: i
         assert loss == pytest.approx(ref_loss, abs=1e-5), f"rank {rank}: {loss} vs {ref_loss}"
 
 
+def _fresh_logits(tp: int, pp: int) -> torch.Tensor:
+    tiny = model_preset("tiny")
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    _, gpt = build_world_model(tiny, 4, parallel, seed=7)
+    return compute_logits([gpt], random_tokens(tiny))
+
+
+def test_fresh_initialisation_does_not_depend_on_the_layout() -> None:
+    """Same seed -> same initial model at any TP x PP (layers are seeded by global index), so
+    runs at different layouts start from the same weights."""
+    reference = run_world(_fresh_logits, 1, 1, 1)[0]
+    for tp, pp in LAYOUTS:
+        logits = run_world(_fresh_logits, tp * pp, tp, pp)[0]
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0,
+                                   msg=lambda m, t=tp, p=pp: f"TP={t} PP={p}: {m}")
+
+
 def _train_losses(tp: int, distributed_optimizer: bool, steps: int = 4) -> list[float]:
     tiny = model_preset("tiny")
     parallel = ParallelConfig(tensor_model_parallel_size=tp,

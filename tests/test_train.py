@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 from builders import FP32
 from dist import run_world
+from runs import REPO, finish, start, train_command
 
 from megatron_step.checkpoint import load_checkpoint, load_full_tensors, read_meta
 from megatron_step.config import ParallelConfig, load_config, model_preset
@@ -28,7 +29,6 @@ from megatron_step.metrics import read_metrics
 from megatron_step.model import build_model
 from megatron_step.parallel import init_distributed
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "tiny_cpu.yaml"
 # stage 1 plans 24 steps and grows at 75% (18 steps); stage 2 runs its 18 steps
 SHORT = ["stages[0].train_steps=24", "stages[1].train_steps=18", "train.micro_batch_size=2",
@@ -38,37 +38,12 @@ SHORT = ["stages[0].train_steps=24", "stages[1].train_steps=18", "train.micro_ba
 STAGE1_STEPS, STAGE2_STEPS = 18, 18
 
 
-def _command(out_dir: Path, nproc: int, extra: list[str]) -> list[str]:
-    sets = [arg for item in SHORT + [f"out_dir={out_dir}"] + extra for arg in ("--set", item)]
-    if nproc == 1:
-        return [sys.executable, "-m", "megatron_step.train", str(CONFIG), *sets]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_free_port()}", "-m", "megatron_step.train", str(CONFIG), *sets]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(out_dir: Path, nproc: int = 1, extra: list[str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(_command(out_dir, nproc, extra or []), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return start(train_command(CONFIG, SHORT + [f"out_dir={out_dir}"] + (extra or []), nproc))
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"training run did not finish within {timeout} s:\n{output[-3000:]}")
-    return proc.returncode, output
+    return finish(proc, timeout)
 
 
 def _run(out_dir: Path, nproc: int = 1, extra: list[str] | None = None) -> str:
@@ -218,8 +193,6 @@ def test_killed_run_resumes_with_identical_losses(baseline: Path, tmp_path: Path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     for later in (tmp_path / "checkpoints").glob("stage2-*"):  # crash right at the boundary
-        import shutil
-
         shutil.rmtree(later)
     output = _run(tmp_path)
     assert "resuming from" in output and "stage1-end" in output
