@@ -321,6 +321,8 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 50
     eval_iters: int = 4
+    """Validation reads eval_iters global batches (the same samples at every evaluation and
+    every parallel layout)."""
     log_interval: int = 10
 
     def validate(self, path: str) -> None:
@@ -344,15 +346,12 @@ class DataConfig:
     """'byte' (built in, vocab 256), a tokenizer.json path, or a SentencePiece .model path."""
     split: str = "98,2,0"
     """Train/valid/test weights, Megatron's string format."""
-    num_workers: int = 0
 
     def validate(self, path: str) -> None:
         parts = self.split.split(",")
         ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         _check(_path(path, "split"), ok, f"must be three comma-separated weights, got "
                f"{self.split!r}")
-        _check(_path(path, "num_workers"), self.num_workers >= 0,
-               f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._device import _device_constructors
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
               "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace", "eye",
@@ -117,6 +118,9 @@ def enable() -> bool:
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # `with torch.device(...)` (used by transformers' from_pretrained) recognises factories by
+    # identity in a set cached on first use: cache the originals before wrapping them.
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
     _patch_tensor_methods()

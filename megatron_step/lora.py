@@ -38,7 +38,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -69,16 +68,11 @@ from megatron.core.transformer.utils import (
 
 from megatron_step import te
 from megatron_step.config import LoraConfig
+from megatron_step.seeds import derive_seed
 
 LORA_A = "lora_a.weight"
 LORA_B = "lora_b.weight"
 _PER_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from `parts`, identical in every process (Python's hash() is salted)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def init_lora_a(rank: int, in_features: int, seed: int) -> torch.Tensor:

@@ -339,7 +339,8 @@ def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
 
     Args:
         model: the target model; only its depth-independent shape is used.
-        num_new_layers: n_i >= 1, layers added (and trained) in this stage.
+        num_new_layers: n_i >= 0, layers added (and trained) in this stage; 0 is a
+            parameter-efficient stage at the previous depth (ReLoRA-style: all layers adapted).
         num_old_layers: N_{i-1} >= 0, layers that existed before (frozen, with adapters).
         settings: memory model and training setup.
 
@@ -350,9 +351,9 @@ def stage_cost(model: ModelConfig, num_new_layers: int, num_old_layers: int,
         ConfigError: naming the field when the stage is impossible (a pipeline rank without
             layers).
     """
-    if num_new_layers < 1 or num_old_layers < 0:
-        raise ConfigError(f"num_new_layers: need >= 1 new and >= 0 old layers, got "
-                          f"{num_new_layers} and {num_old_layers}")
+    if num_new_layers < 0 or num_old_layers < 0 or num_new_layers + num_old_layers < 1:
+        raise ConfigError(f"num_new_layers: need >= 0 new and >= 0 old layers, at least one "
+                          f"in all, got {num_new_layers} and {num_old_layers}")
     if settings.memory_model == "paper":
         return _paper_cost(model, num_new_layers, num_old_layers, settings)
     pp = settings.pipeline_model_parallel_size

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_step import te
 from megatron_step.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_step.layout import pipeline_split
+from megatron_step.seeds import derive_seed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,7 +48,7 @@ class SeededTransformerLayer(TransformerLayer):
             offset = get_transformer_layer_offset(
                 config, kwargs.get("vp_stage"), parallel_state.get_pipeline_model_parallel_rank())
             index = layer_number - 1 + offset
-            torch.default_generator.manual_seed(init_seed * 1_000_003 + index)
+            torch.default_generator.manual_seed(derive_seed("layer", init_seed, index))
         super().__init__(config, submodules, layer_number, **kwargs)
 
 

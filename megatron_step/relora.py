@@ -32,8 +32,9 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
 from megatron_step.config import ReloraConfig
-from megatron_step.lora import derive_seed, fold_and_reset_adapters
+from megatron_step.lora import fold_and_reset_adapters
 from megatron_step.optim import leaf_optimizers
+from megatron_step.seeds import derive_seed
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -189,8 +189,9 @@ def _evaluate(run: Run, ddp: Sequence[torch.nn.Module]) -> float | None:
     if run.valid_data is None:
         return None
     train = run.config.train
-    batches = data.valid_microbatches(run.valid_data, train.eval_iters, train.micro_batch_size,
-                                      run.layout.dp_rank, run.layout.data_parallel_size)
+    batches = data.valid_microbatches(run.valid_data, train.eval_iters * train.global_batch_size,
+                                      train.micro_batch_size, run.layout.dp_rank,
+                                      run.layout.data_parallel_size)
     return evaluate(ddp, batches)
 
 
@@ -321,8 +322,7 @@ def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path) -> tuple[Any
         prefix = data.prepare_embedded_dataset(out_dir / "data", tokenizer,
                                                progress=is_rank0())
     total = sum(stage_steps(config)) * config.train.global_batch_size
-    valid = (config.train.eval_iters * config.train.micro_batch_size
-             * layout.data_parallel_size)
+    valid = config.train.eval_iters * config.train.global_batch_size
     return data.build_datasets(prefix, tokenizer, seq_length=config.model.seq_length,
                                split=config.data.split, seed=config.train.seed,
                                num_train_samples=total, num_valid_samples=valid,

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import REPO, run_ok, train_command
 
 from megatron_step.config import load_config
 from megatron_step.metrics import read_metrics
+
+from runs import REPO, run_ok, train_command
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 SHORT = ["stages[0].train_steps=16", "stages[1].train_steps=12", "train.eval_interval=6",

@@ -14,14 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from builders import (
-    build_world_model,
-    load_at_layout,
-    microbatches,
-    random_tokens,
-    save_reference,
-)
-from dist import run_world
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -49,6 +41,15 @@ from megatron_step.lora import (
 from megatron_step.model import build_model
 from megatron_step.optim import leaf_optimizers, wrap_and_optimize
 from megatron_step.parallel import init_distributed, local_world
+
+from builders import (
+    build_world_model,
+    load_at_layout,
+    microbatches,
+    random_tokens,
+    save_reference,
+)
+from dist import run_world
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 FROZEN = (0, 1, 2)

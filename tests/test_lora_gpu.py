@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import random_tokens
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_step import te
@@ -17,6 +16,8 @@ from megatron_step.config import LoraConfig, ParallelConfig, PrecisionConfig, mo
 from megatron_step.forward import compute_logits
 from megatron_step.lora import adapted_modules, freeze_and_adapt, merge_adapters
 from megatron_step.model import build_model
+
+from builders import random_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.te]
 

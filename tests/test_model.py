@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from builders import FP32, random_tokens
 from torch.overrides import TorchFunctionMode
 
 from megatron_step import cpu_compat, te
@@ -15,6 +14,8 @@ from megatron_step.config import MODEL_PRESETS, ParallelConfig, PrecisionConfig,
 from megatron_step.layout import ParallelSizes, check_layout, pipeline_split
 from megatron_step.memory import count_parameters
 from megatron_step.model import build_model, layer_spec, pipeline_layout
+
+from builders import FP32, random_tokens
 
 
 class _ForceMeta(TorchFunctionMode):

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from megatron_step.config import OptimizerConfig, ParallelConfig, model_preset
+from megatron_step.forward import compute_logits, evaluate, train_step
+from megatron_step.optim import wrap_and_optimize
+from megatron_step.parallel import init_distributed
+
 from builders import (
     FP32,
     build_world_model,
@@ -15,11 +21,6 @@ from builders import (
     save_reference,
 )
 from dist import run_world
-
-from megatron_step.config import OptimizerConfig, ParallelConfig, model_preset
-from megatron_step.forward import compute_logits, evaluate, train_step
-from megatron_step.optim import wrap_and_optimize
-from megatron_step.parallel import init_distributed
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 

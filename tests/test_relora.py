@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import FP32, microbatches, random_tokens
-from dist import run_world
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_step.checkpoint import load_checkpoint, load_full_tensors, save_checkpoint
@@ -38,6 +36,9 @@ from megatron_step.model import build_model
 from megatron_step.optim import leaf_optimizers, learning_rate, wrap_and_optimize
 from megatron_step.parallel import init_distributed
 from megatron_step.relora import is_reset_step, last_reset_step, prune_, relora_reset
+
+from builders import FP32, microbatches, random_tokens
+from dist import run_world
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 FROZEN = (0, 1)

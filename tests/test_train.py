@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import FP32
-from dist import run_world
-from runs import REPO, finish, start, train_command
 
 from megatron_step.checkpoint import load_checkpoint, load_full_tensors, read_meta
 from megatron_step.config import ParallelConfig, load_config, model_preset
@@ -28,6 +25,10 @@ from megatron_step.memory import lora_params_per_layer, params_per_layer
 from megatron_step.metrics import read_metrics
 from megatron_step.model import build_model
 from megatron_step.parallel import init_distributed
+
+from builders import FP32
+from dist import run_world
+from runs import REPO, finish, start, train_command
 
 CONFIG = REPO / "examples" / "tiny_cpu.yaml"
 # stage 1 plans 24 steps and grows at 75% (18 steps); stage 2 runs its 18 steps
@@ -150,9 +151,12 @@ def _final_valid_loss(path: Path, config_path: Path, out_dir: Path) -> float:
     prefix = data.prepare_embedded_dataset(out_dir / "data", tokenizer, progress=False)
     _, valid = data.build_datasets(prefix, tokenizer, seq_length=tiny.seq_length,
                                    split=config.data.split, seed=config.train.seed,
-                                   num_train_samples=1, num_valid_samples=4,
+                                   num_train_samples=1,
+                                   num_valid_samples=config.train.eval_iters
+                                   * config.train.global_batch_size,
                                    cache_dir=out_dir / "data" / "cache")
-    batches = data.valid_microbatches(valid, config.train.eval_iters,
+    batches = data.valid_microbatches(valid,
+                                      config.train.eval_iters * config.train.global_batch_size,
                                       config.train.micro_batch_size, layout.dp_rank,
                                       layout.data_parallel_size)
     return evaluate([gpt], batches)
@@ -195,7 +199,7 @@ def test_killed_run_resumes_with_identical_losses(baseline: Path, tmp_path: Path
     for later in (tmp_path / "checkpoints").glob("stage2-*"):  # crash right at the boundary
         shutil.rmtree(later)
     output = _run(tmp_path)
-    assert "resuming from" in output and "stage1-end" in output
+    assert "continuing from" in output and "stage1-end" in output
     assert _losses(tmp_path) == _losses(baseline)
 
 
