@@ -216,9 +216,20 @@ def load_checkpoint(path: str | Path, chunks: Sequence[MegatronModule],
     Returns:
         The checkpoint metadata, plus `rank_state` when this rank's file exists and the world
         size is unchanged (RNG states only make sense for the same layout).
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete, lacks requested optimizer state, or holds
+            LoRA adapters the chunks do not have (they would be dropped silently otherwise).
     """
     path = Path(path)
     meta = read_meta(path)
+    adapted = any(".lora_a." in name for chunk in chunks for name, _ in chunk.named_parameters())
+    if meta.get("adapters") and not adapted:  # the load would silently drop the adapters
+        raise CheckpointError(f"checkpoint {str(path)!r} holds unmerged LoRA adapters "
+                              f"(layers {meta['adapters']['layers']}); attach them first "
+                              "(lora.freeze_and_adapt with the same targets and rank), or merge "
+                              "them offline (tools/grow_checkpoint.py --num-new-layers 0 "
+                              "--merge-adapters)")
     state = model_state_dict(chunks)
     if optimizer is not None:
         if not meta.get("has_optimizer"):
