@@ -44,7 +44,7 @@ class SeededTransformerLayer(TransformerLayer):
 
     def __init__(self, config: TransformerConfig, submodules: Any, layer_number: int = 1, *,
                  init_seed: int, **kwargs: Any) -> None:
-        if config.perform_initialization:
+        if config.init_method is not _leave_uninitialised:
             offset = get_transformer_layer_offset(
                 config, kwargs.get("vp_stage"), parallel_state.get_pipeline_model_parallel_rank())
             index = layer_number - 1 + offset
@@ -82,12 +82,21 @@ def pipeline_layout(num_layers: int, pipeline_model_parallel_size: int) -> list[
     return layout
 
 
+def _leave_uninitialised(tensor: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves the tensor as allocated (its values come from elsewhere)."""
+    return tensor
+
+
 def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
                        precision: PrecisionConfig, initialize: bool = True) -> TransformerConfig:
     """Megatron TransformerConfig of a `num_layers`-deep LLaMA (a STEP stage's depth).
 
     `initialize=False` skips weight initialisation and allocates directly on the current device,
-    for models whose weights are loaded or grown right after (and for meta-device builds).
+    for models whose weights are loaded or grown right after (and for meta-device builds). It
+    keeps Megatron's initialisation *path* with do-nothing init functions, because that path is
+    also where Megatron marks tensor-parallel weights (`tensor_model_parallel`, `partition_dim`):
+    with `perform_initialization=False` they would look like TP duplicates and drop out of the
+    gradient norm on all but one TP rank.
     """
     dtype = DTYPES[precision.params_dtype]
     pp = parallel.pipeline_model_parallel_size
@@ -95,6 +104,9 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
                   "recompute_num_layers": 1} if parallel.recompute_activations else {})
     fp8 = ({"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
            if precision.fp8 is not None else {})
+    skip = ({} if initialize else {"init_method": _leave_uninitialised,
+                                   "output_layer_init_method": _leave_uninitialised,
+                                   "embedding_init_method": _leave_uninitialised})
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=model.hidden_size,
@@ -112,7 +124,6 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
         use_cpu_initialization=initialize,
-        perform_initialization=initialize,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -125,6 +136,7 @@ def transformer_config(model: ModelConfig, num_layers: int, parallel: ParallelCo
         apply_rope_fusion=False,
         **recompute,
         **fp8,
+        **skip,
     )
 
 

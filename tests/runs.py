@@ -1,11 +1,13 @@
 """Launching real `megatron_step` processes from tests: commands, timeouts, clean kills.
 
-Every process starts in its own session, so a timeout (or a test's deliberate kill) can take the
-whole process group down (torchrun and its workers) and never leaves orphans behind.
+Every process starts in its own session, and a timeout (or a test's deliberate kill) signals the
+whole process *tree*: torchrun starts its workers in sessions of their own, so signalling the
+launcher's process group alone would leave the workers running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +45,24 @@ def start(command: list[str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to a process and all its descendants (children first gathered, then hit)."""
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(sig)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    """Wait for a process; on timeout kill its whole group and fail the test."""
+    """Wait for a process; on timeout kill its whole tree and fail the test."""
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         output, _ = proc.communicate()
         pytest.fail(f"{' '.join(proc.args[:6])}... did not finish within {timeout} s:\n"
                     f"{output[-3000:]}")
