@@ -36,9 +36,10 @@ SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 RECIPE = "slurm/step_3stage_7b.sh"
 JOB_NAME = "step-7b-3stage"  # the recipe's --job-name
 TRAIN_STEPS = {1: 9, 2: 6}  # stage 1 runs 75% of its 12 planned steps, the last stage all
-# Two processes per node train data parallel (DP=2): its resumption is exact, which the loss
-# comparisons need (TP=2 is exercised by the dry runs).
-TINY_ARGS = ("--set stages[0].train_steps=12 --set stages[1].train_steps=6 "
+# Two processes per node train with tensor parallelism (TP=2); resumption is exact, which the
+# loss comparisons need.
+TINY_ARGS = ("--set parallel.tensor_model_parallel_size=2 "
+             "--set stages[0].train_steps=12 --set stages[1].train_steps=6 "
              "--set train.micro_batch_size=2 --set train.global_batch_size=4 "
              "--set train.eval_interval=3 --set train.eval_iters=2 --set train.log_interval=3 "
              "--set logging.tensorboard=false")
@@ -209,7 +210,7 @@ def test_preempted_job_requeues_and_finishes_every_stage(
         assert (out_dir / "checkpoints" / f"stage{stage}-end" / "megatron_step.json").is_file()
     assert not (out_dir / "PREEMPTED").exists()
 
-    assert "world size  2 = 1 node(s) x 2 process(es) per node; TP 1 x PP 1 x DP 2" in log
+    assert "world size  2 = 1 node(s) x 2 process(es) per node; TP 2 x PP 1 x DP 1" in log
     assert "pre-emption signal: asking the trainers to save a checkpoint and stop" in log
     stopped = re.search(r"stop signal: checkpoint at stage (\d) step (\d+)", log)
     assert stopped is not None, log[-3000:]
