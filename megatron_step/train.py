@@ -42,6 +42,7 @@ from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    model_config_from_meta,
     read_meta,
     save_checkpoint,
     write_json_atomic,
@@ -380,6 +381,13 @@ def _starting_point(config: RunConfig) -> tuple[Path | None, dict[str, Any] | No
         if meta["num_layers"] != config.stages[0].num_layers:
             raise ConfigError(f"init_checkpoint: {path} holds {meta['num_layers']} layers, but "
                               f"stages[0].num_layers is {config.stages[0].num_layers}")
+        theirs = dataclasses.asdict(model_config_from_meta(meta))
+        ours = dataclasses.asdict(config.model)
+        differ = [f"model.{k} {ours[k]} vs {theirs[k]}" for k in ours
+                  if k != "num_layers" and ours[k] != theirs[k]]
+        if differ:
+            raise ConfigError(f"init_checkpoint: {path} is a different model: "
+                              f"{'; '.join(differ)}")
         return path, {**meta, "kind": "stage_end", "stage": 1, "global_step": 0,
                       "layers": None, "stage_summaries": []}
     return path, (read_meta(path) if path is not None else None)

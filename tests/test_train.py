@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from megatron_step.parallel import init_distributed
 
 from builders import FP32
 from dist import run_world
-from runs import REPO, finish, kill_tree, start, train_command
+from runs import REPO, finish, kill_tree, run_ok, start, train_command
 
 CONFIG = REPO / "examples" / "tiny_cpu.yaml"
 # stage 1 plans 24 steps and grows at 75% (18 steps); stage 2 runs its 18 steps
@@ -261,3 +262,40 @@ def test_bad_settings_fail_with_the_field_name(tmp_path: Path, extra: list[str],
     code, output = _finish(_start(tmp_path, extra=extra), timeout=120)
     assert code == 2, output[-3000:]
     assert message in output, output[-3000:]
+
+
+def test_a_run_can_start_from_an_imported_hugging_face_model(tmp_path: Path) -> None:
+    """`init_checkpoint`: a 4-layer Hugging Face LLaMA, imported, stands for stage 1; the run
+    starts by growing it to 6 layers, and its 4 layers stay frozen (bit-identical base weights
+    at a mid-stage checkpoint) while the new ones train."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = model_preset("tiny")
+    hf_config = LlamaConfig(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
+                            intermediate_size=tiny.ffn_hidden_size, num_hidden_layers=4,
+                            num_attention_heads=tiny.num_attention_heads,
+                            num_key_value_heads=tiny.num_query_groups,
+                            max_position_embeddings=tiny.seq_length,
+                            rms_norm_eps=tiny.norm_epsilon, tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "default",
+                                             "rope_theta": float(tiny.rotary_base)})
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    run_ok([sys.executable, str(REPO / "tools" / "import_hf.py"), str(tmp_path / "hf"),
+            str(tmp_path / "imported")])
+    out_dir = tmp_path / "run"
+    output = _run(out_dir, extra=[f"init_checkpoint={tmp_path / 'imported'}"])
+    assert "continuing from" in output and "imported" in output
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == [2]
+    assert sorted(_losses(out_dir)) == list(range(1, STAGE2_STEPS + 1))
+    imported = load_full_tensors(tmp_path / "imported")
+    middle = load_full_tensors(_ckpt(out_dir, "stage2-step0000009"))
+    for new, source in enumerate(layer_map(4, 2)):
+        if not source.is_new:
+            key = "self_attention.linear_qkv.weight"
+            assert torch.equal(middle[f"decoder.layers.{new}.{key}"],
+                               imported[f"decoder.layers.{source.old[0]}.{key}"]), new
+    code, output = _finish(_start(tmp_path / "other", extra=[
+        f"init_checkpoint={tmp_path / 'imported'}", "model.ffn_hidden_size=256"]))
+    assert code == 2 and "is a different model: model.ffn_hidden_size 256 vs 128" in output
