@@ -130,9 +130,10 @@ def _save_atomic(path: Path, state: dict[str, Any], meta: dict[str, Any],
 def load_full_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint as one full (unsharded) tensor, keyed by checkpoint key.
 
-    Works in a single process (a one-process world is made if none exists) whatever the TP/PP
-    the checkpoint was saved at; optimizer state
-    keys (`optimizer.*`) are left out. The whole model must fit in this process's memory.
+    Works in a single process (`parallel.local_world()` makes a world of one if none exists;
+    under torchrun it joins the launcher's world, so every rank must call it) whatever the TP/PP
+    the checkpoint was saved at; optimizer state keys (`optimizer.*`) are left out. The whole
+    model must fit in this process's memory.
     """
     path = Path(path)
     read_meta(path)

@@ -29,6 +29,10 @@ Patched symbols, each found necessary by removing it from a TP2xPP2 DistributedO
    megatron_step makes on CPU.
 9. The "CPU RNG state changed within GPU RNG context" warning is silenced: with shim 3 the CUDA
    tracker swaps the CPU generator, which is exactly what we want.
+10. `torch.utils._device._device_constructors()` is called before shim 5 wraps the factories:
+   `with torch.device(...)` (transformers' from_pretrained uses it) recognises factories by
+   identity in a set cached on first use. Cached after wrapping, the set would hold the wrappers
+   while the device mode sees the original functions, so the context device would be ignored.
 """
 
 from __future__ import annotations
@@ -118,9 +122,7 @@ def enable() -> bool:
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    # `with torch.device(...)` (used by transformers' from_pretrained) recognises factories by
-    # identity in a set cached on first use: cache the originals before wrapping them.
-    _device_constructors()
+    _device_constructors()  # shim 10: cache the original factories before wrapping them
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
     _patch_tensor_methods()

@@ -21,10 +21,8 @@ refused without `overwrite` (and is never anything but a checkpoint); DST may no
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
 from megatron_step.checkpoint import (
@@ -52,15 +48,12 @@ from megatron_step.growth import (
     provenance_from_meta,
     split_layer_key,
 )
-from megatron_step.inspection import verify_checkpoint
+from megatron_step.inspection import TensorSpec, indexed_tensors, verify_checkpoint
 from megatron_step.layout import ParallelSizes, check_layout
 from megatron_step.lora import merge_full_state_dict
-from megatron_step.parallel import local_world
 
 _SAVE_TIME_META = ("format_version", "has_optimizer", "layout", "world_size")
 """SRC metadata keys that describe SRC's own save, not the model: DST gets fresh ones."""
-
-TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
 
 class GrowthError(ValueError):
@@ -122,13 +115,6 @@ class GrowthJob:
 # Checking SRC
 
 
-def _model_tensors(src: Path) -> dict[str, TensorSpec]:
-    """Model tensor keys of a checkpoint with full shapes and dtypes (no optimizer state)."""
-    metadata = FileSystemReader(str(src)).read_metadata().state_dict_metadata
-    return {key: (tuple(md.size), md.properties.dtype) for key, md in metadata.items()
-            if isinstance(md, TensorStorageMetadata) and not key.startswith("optimizer.")}
-
-
 def inspect_source(src: str | Path) -> tuple[dict[str, Any], dict[str, TensorSpec]]:
     """Metadata and model tensor specs of a checkpoint, after checking it is complete.
 
@@ -140,7 +126,7 @@ def inspect_source(src: str | Path) -> tuple[dict[str, Any], dict[str, TensorSpe
         meta = verify_checkpoint(src)
     except CheckpointError as exc:
         raise CheckpointError(f"SRC: {exc}") from None
-    return meta, _model_tensors(Path(src))
+    return meta, indexed_tensors(src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,22 +338,3 @@ def run_growth(job: GrowthJob, progress: bool = True) -> Path:
         bar.update(min(world, job.num_layers - first))
     bar.close()
     return save_full_tensors(job.dst, grown, job.dst_meta(), split_over_ranks=True)
-
-
-@contextlib.contextmanager
-def tool_world() -> Iterator[None]:
-    """The process world of a checkpoint tool: torchrun's (gloo) when launched by it, else one.
-
-    Under torchrun (WORLD_SIZE > 1) the default group is created from the environment with
-    gloo, which is all checkpoint I/O of CPU tensors needs, and destroyed on exit.
-    """
-    started = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo", init_method="env://")
-        started = True
-    try:
-        with local_world():
-            yield
-    finally:
-        if started:
-            dist.destroy_process_group()

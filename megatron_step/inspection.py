@@ -42,6 +42,9 @@ from megatron_step.checkpoint import (
 from megatron_step.config import ModelConfig
 from megatron_step.growth import split_layer_key
 
+TensorSpec = tuple[tuple[int, ...], torch.dtype]
+"""A tensor's full (unsharded) shape and dtype, as the torch_dist index records them."""
+
 INDEX_FILE = ".metadata"
 BACKEND_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
@@ -96,6 +99,21 @@ def model_tensor_shapes(model: ModelConfig,
                 shapes[f"{key}.lora_a.weight"] = (rank, in_features)
                 shapes[f"{key}.lora_b.weight"] = (out_features, rank)
     return shapes
+
+
+def _model_tensors(index: Metadata) -> dict[str, TensorSpec]:
+    """The index's model tensors (optimizer state excluded): key -> (full shape, dtype)."""
+    return {key: (tuple(entry.size), entry.properties.dtype)
+            for key, entry in index.state_dict_metadata.items()
+            if isinstance(entry, TensorStorageMetadata) and not key.startswith("optimizer.")}
+
+
+def indexed_tensors(path: str | Path) -> dict[str, TensorSpec]:
+    """Model tensors a checkpoint's torch_dist index lists, with full shapes and dtypes.
+
+    Reads only the index; call `verify_checkpoint` first to know the files behind it exist.
+    """
+    return _model_tensors(FileSystemReader(str(path)).read_metadata())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +284,9 @@ def describe_checkpoint(path: str | Path, deep: bool = False) -> dict[str, Any]:
     tensors: dict[str, dict[str, Any]] = {}
     optimizer_items = 0
     if index is not None:
-        for key, entry in index.state_dict_metadata.items():
-            if key.startswith("optimizer."):
-                optimizer_items += 1
-            elif isinstance(entry, TensorStorageMetadata):
-                tensors[key] = {"shape": list(entry.size),
-                                "dtype": str(entry.properties.dtype).removeprefix("torch.")}
+        tensors = {key: {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+                   for key, (shape, dtype) in _model_tensors(index).items()}
+        optimizer_items = sum(key.startswith("optimizer.") for key in index.state_dict_metadata)
     num_layers = meta.get("num_layers")
     return {
         "path": str(path),

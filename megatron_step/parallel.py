@@ -136,17 +136,23 @@ def destroy_distributed() -> None:
 
 @contextlib.contextmanager
 def local_world() -> Iterator[None]:
-    """A one-process gloo world for tools that save/load checkpoints outside a launcher.
+    """The process world of a tool that reads or writes checkpoints outside the trainer.
 
-    Reuses an existing process group (e.g. under torchrun or in a test world) and then leaves
-    it alone; otherwise creates a world of one and destroys it on exit.
+    Reuses an existing process group (the trainer's, a test world) and leaves it alone.
+    Otherwise it joins torchrun's world when launched by torchrun with WORLD_SIZE > 1 (RANK,
+    MASTER_ADDR and MASTER_PORT from the environment), else creates a world of one (also under
+    `srun --ntasks=1`, which sets no rendezvous); either is destroyed on exit. The backend is
+    gloo even on GPU nodes: tools move CPU tensors, which NCCL cannot carry.
     """
     if not torch.cuda.is_available():
         cpu_compat.enable()
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo", init_method="env://")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:

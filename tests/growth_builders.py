@@ -16,8 +16,9 @@ import torch
 from megatron_step.checkpoint import save_checkpoint
 from megatron_step.config import ModelConfig, OptimizerConfig, ParallelConfig, model_preset
 from megatron_step.forward import train_step
-from megatron_step.growth_offline import prepare_growth, run_growth, tool_world
+from megatron_step.growth_offline import prepare_growth, run_growth
 from megatron_step.optim import wrap_and_optimize
+from megatron_step.parallel import local_world
 
 from builders import FP32, build_world_model, load_at_layout, microbatches, random_tokens
 
@@ -59,7 +60,7 @@ def reshard_source(src: Path, dst: Path, tp: int, pp: int) -> None:
 
 def grow_offline(src: Path, dst: Path, **request: Any) -> Path:
     """The offline tool's library path, in the current world (or a world of one)."""
-    with tool_world():
+    with local_world():
         return run_growth(prepare_growth(src, dst, **request), progress=False)
 
 

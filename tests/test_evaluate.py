@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hf import load_tool, train_and_save
+from test_hf import train_and_save
 
 from megatron_step.config import ParallelConfig
 from megatron_step.corpus import to_jsonl
@@ -20,6 +20,7 @@ from megatron_step.evaluation import evaluate_checkpoint, read_token_stream
 from megatron_step.tokenizer import load_tokenizer
 
 from dist import run_world
+from tools import load_tool
 
 SEQ = 64  # the tiny preset's seq_length
 EVALUATE, EXPORT = load_tool("evaluate"), load_tool("export_hf")

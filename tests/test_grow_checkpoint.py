@@ -7,11 +7,12 @@ is checked for its message and for leaving SRC and any existing DST byte-for-byt
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -35,19 +36,11 @@ from growth_builders import (
     target_model,
     tree_snapshot,
 )
+from tools import TOOLS, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
+TOOL = load_tool("grow_checkpoint")
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 QKV = "self_attention.linear_qkv.weight"
-
-
-def _tool() -> ModuleType:
-    """tools/grow_checkpoint.py loaded as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("grow_checkpoint", REPO / "tools" /
-                                                  "grow_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _full_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +50,7 @@ def _full_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def grow(*argv: object) -> int:
-    return _tool().main([str(a) for a in argv] + ["--no-progress"])
+    return TOOL.main([str(a) for a in argv] + ["--no-progress"])
 
 
 def _make_sources(root: Path) -> None:
@@ -112,7 +105,7 @@ def layout_logits(root: Path, grown: dict[str, Path]) -> dict[str, torch.Tensor]
 
 def test_help_describes_the_tool(capsys: pytest.CaptureFixture[str]) -> None:
     """`--help` exits 0 and documents the DST layout and the safety rules (module docstring)."""
-    assert _tool().main(["--help"]) == 0
+    assert TOOL.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "layout-independent" in out and "--overwrite" in out and "--merge-adapters" in out
 
@@ -179,6 +172,28 @@ def test_torchrun_mode_matches_one_process(root: Path, grown: dict[str, Path]) -
     assert one.keys() == many.keys()
     assert [k for k in one if not torch.equal(one[k], many[k])] == []
     assert read_meta(root / "parallel")["layers"] == read_meta(grown["src11"])["layers"]
+
+
+def test_tool_joins_a_real_torchrun_world(root: Path, grown: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 tools/grow_checkpoint.py` joins torchrun's world from the
+    environment (parallel.local_world) and writes the one-process result bit for bit. Guards
+    against each rank growing alone in a world of one (DST would record world size 1 and be
+    written twice)."""
+    dst = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "tools/grow_checkpoint.py", str(root / "src11"), str(dst), "--num-layers",
+               str(GROWN_DEPTH), "--tp", "2", "--pp", "2", "--no-progress"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU/gloo on every machine, as run_world
+    result = subprocess.run(command, cwd=TOOLS.parent, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _full_tensors(grown["src11"]), _full_tensors(dst)
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
+    meta = read_meta(dst)
+    assert meta["world_size"] == 2 and meta["layers"] == read_meta(grown["src11"])["layers"]
+    assert result.stdout.count("wrote ") == 1  # progress and results from rank 0 only
 
 
 def test_reshard_only_keeps_tensors(root: Path, tmp_path: Path,
@@ -387,8 +402,7 @@ def test_existing_destinations_are_refused_untouched(root: Path, tmp_path: Path,
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """argparse errors (no target depth, two targets, a bad position) exit 2 with one line."""
-    tool = _tool()
     for argv in (["a", "b"], ["a", "b", "--num-layers", "6", "--num-new-layers", "2"],
                  ["a", "b", "--num-layers", "6", "--position", "middle"]):
-        assert tool.main(argv) == 2
+        assert TOOL.main(argv) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -4,11 +4,9 @@ trips, refusals that leave the destination alone."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,18 +25,10 @@ from megatron_step.tokenizer import load_tokenizer, train_bpe
 from builders import FP32, build_world_model, load_at_layout, microbatches, random_tokens
 from dist import run_world
 from growth_builders import tree_snapshot
+from tools import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 ADAPTED = [0, 1]
 LORA = LoraConfig(rank=4, alpha=8.0)
-
-
-def load_tool(name: str) -> ModuleType:
-    """tools/<name>.py as a module (tools/ is not a package); shared with the other tests."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 EXPORT, IMPORT = load_tool("export_hf"), load_tool("import_hf")

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_hf import load_tool, train_and_save
+from test_hf import train_and_save
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_step.checkpoint import META_FILE, load_full_tensors
 from megatron_step.parallel import local_world
 
 from dist import run_world
+from tools import load_tool
 
 INSPECT = load_tool("inspect_checkpoint")
 

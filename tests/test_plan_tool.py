@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
 from megatron_step.config import config_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOL_PATH = ROOT / "tools" / "plan_stages.py"
+from tools import TOOLS, load_tool
 
-
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plan_stages_tool", TOOL_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("plan_stages")
 PAPER_368M = ["--model", "llama-368m", "--memory-model", "paper", "--lora-rank", "0"]
 
 
@@ -39,8 +27,9 @@ def test_help_prints_module_docstring_and_exits_zero(capsys: pytest.CaptureFixtu
 
 def test_runs_as_a_script_from_the_repo_root() -> None:
     """`python tools/plan_stages.py ...` works from a checkout (how the README calls it)."""
-    result = subprocess.run([sys.executable, str(TOOL_PATH), *PAPER_368M, "--stages", "3"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run([sys.executable, "tools/plan_stages.py", *PAPER_368M, "--stages", "3"],
+                            cwd=TOOLS.parent, capture_output=True, text=True, timeout=60,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert "reduction 62.0%" in result.stdout
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -14,17 +12,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_step.corpus import read_documents
 from megatron_step.tokenizer import load_tokenizer
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "preprocess_data.py"
+from tools import load_tool
 
-
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("preprocess_data")
 
 
 @pytest.fixture(scope="module")

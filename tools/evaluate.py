@@ -20,34 +20,18 @@ Exit codes: 0 done; 1 bad checkpoint or data (message names it); 2 bad arguments
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
-from typing import NoReturn
+
+from megatron_step.cli import Parser, positive_int, returns_exit_code
 
 FORMATS = ("auto", "jsonl", "blocks", "lines", "wikitext")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evaluate.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    parser = Parser("evaluate.py", __doc__)
     parser.add_argument("checkpoint", metavar="CKPT", help="megatron_step checkpoint directory")
     parser.add_argument("--data", required=True, metavar="DATA",
                         help="text or JSONL file, or an indexed dataset prefix")
@@ -57,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="how text files split into documents (default: by suffix)")
     parser.add_argument("--json-key", default="text", help="JSONL field with the text")
-    parser.add_argument("--max-tokens", type=_positive, metavar="N",
+    parser.add_argument("--max-tokens", type=positive_int, metavar="N",
                         help="read at most N tokens of DATA")
-    parser.add_argument("--micro-batch-size", type=_positive, default=1, metavar="N")
-    parser.add_argument("--tensor-model-parallel-size", "--tp", type=_positive, default=1,
+    parser.add_argument("--micro-batch-size", type=positive_int, default=1, metavar="N")
+    parser.add_argument("--tensor-model-parallel-size", "--tp", type=positive_int, default=1,
                         metavar="N")
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=_positive, default=1,
+    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=positive_int, default=1,
                         metavar="N")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="weights for the forward pass (default %(default)s)")
@@ -71,27 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), evaluate, print JSON; return the exit code."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help and usage errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
+    args = parser.parse_args(argv)
     if args.output and Path(args.output).exists() and not args.overwrite:
-        return _error(f"--output {args.output!r} exists; pass --overwrite to replace it", 2)
-    with warnings.catch_warnings():  # megatron-core's import-time notices (no TE/apex on CPU)
-        warnings.simplefilter("ignore")
-        from megatron_step.checkpoint import CheckpointError, read_meta, write_json_atomic
-        from megatron_step.config import ConfigError, ParallelConfig
-        from megatron_step.evaluation import (
-            evaluate_checkpoint,
-            indexed_prefix,
-            read_token_stream,
-        )
-        from megatron_step.log import quiet_megatron_warnings
-        from megatron_step.parallel import destroy_distributed, is_rank0
-        from megatron_step.tokenizer import load_tokenizer
+        parser.error(f"--output {args.output!r} exists; pass --overwrite to replace it")
+    from megatron_step.checkpoint import CheckpointError, read_meta, write_json_atomic
+    from megatron_step.config import ConfigError, ParallelConfig
+    from megatron_step.evaluation import evaluate_checkpoint, indexed_prefix, read_token_stream
+    from megatron_step.log import quiet_megatron_warnings
+    from megatron_step.parallel import destroy_distributed, is_rank0
+    from megatron_step.tokenizer import load_tokenizer
+
     quiet_megatron_warnings()
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                               pipeline_model_parallel_size=args.pipeline_model_parallel_size)
@@ -101,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = read_meta(args.checkpoint).get("run_config", {}).get("data", {}).get(
                 "tokenizer")
         if os.environ.get("RANK", "0") == "0":  # before the world exists
-            print(f"evaluate: checkpoint={args.checkpoint} data={args.data} tokenizer={spec} "
-                  f"format={args.format} max_tokens={args.max_tokens} "
-                  f"micro_batch_size={args.micro_batch_size} tp={args.tensor_model_parallel_size}"
-                  f" pp={args.pipeline_model_parallel_size} dtype={args.dtype}", file=sys.stderr)
+            parser.echo(args, tokenizer=spec)
         tokenizer = load_tokenizer(spec) if spec else None
         stream = read_token_stream(args.data, tokenizer, document_format=args.format,
                                    json_key=args.json_key, max_tokens=args.max_tokens)
@@ -114,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=is_rank0())
         rank0 = is_rank0()
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:
-        return _error(str(exc), 1)
+        return parser.fail(str(exc))
     finally:
         destroy_distributed()
     result = {**result, "data": str(args.data),
@@ -124,11 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             write_json_atomic(Path(args.output), result)
     return 0
-
-
-def _error(message: str, code: int) -> int:
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

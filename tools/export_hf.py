@@ -17,23 +17,14 @@ Exit codes: 0 written; 1 SRC unreadable, incomplete or not convertible (DST unto
 
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from pathlib import Path
-from typing import NoReturn
+
+from megatron_step.cli import Parser, returns_exit_code
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="export_hf.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    parser = Parser("export_hf.py", __doc__)
     parser.add_argument("src", metavar="SRC", help="megatron_step checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="Hugging Face model directory to write")
     parser.add_argument("--dtype", choices=("bf16", "fp32"),
@@ -46,44 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), export, return the exit code (see --help)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help and usage errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
-    print(f"export_hf: src={args.src} dst={args.dst} dtype={args.dtype or 'as stored'} "
-          f"tokenizer={args.tokenizer} max_shard_size={args.max_shard_size} "
-          f"overwrite={args.overwrite}", file=sys.stderr)
-    with warnings.catch_warnings():  # megatron-core's import-time notices (no TE/apex on CPU)
-        warnings.simplefilter("ignore")
-        from megatron_step.checkpoint import CheckpointError
-        from megatron_step.hf import export_checkpoint
-        from megatron_step.log import quiet_megatron_warnings
-        from megatron_step.memory import parse_size
-        from megatron_step.parallel import local_world
+    args = parser.parse_args(argv)
+    parser.echo(args, dtype=args.dtype or "as stored")
+    from megatron_step.checkpoint import CheckpointError
+    from megatron_step.hf import export_checkpoint
+    from megatron_step.log import quiet_megatron_warnings
+    from megatron_step.memory import parse_size
+    from megatron_step.parallel import local_world
+
     quiet_megatron_warnings()
     try:
         max_shard_bytes = parse_size(args.max_shard_size)
     except ValueError as exc:
-        return _error(f"--max-shard-size: {exc}", 2)
+        parser.error(f"--max-shard-size: {exc}")
     if Path(args.dst).exists() and not args.overwrite:
-        return _error(f"DST {args.dst!r} exists; pass --overwrite to replace it", 2)
+        parser.error(f"DST {args.dst!r} exists; pass --overwrite to replace it")
     try:
         with local_world():
             dst = export_checkpoint(args.src, args.dst, dtype=args.dtype,
                                     tokenizer=args.tokenizer, overwrite=args.overwrite,
                                     max_shard_bytes=max_shard_bytes)
     except (CheckpointError, ValueError, OSError) as exc:
-        return _error(str(exc), 1)
+        return parser.fail(str(exc))
     print(f"wrote {dst}")
     return 0
-
-
-def _error(message: str, code: int) -> int:
-    print(f"export_hf.py: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -33,17 +33,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
+from typing import Any
+
+from megatron_step.cli import Parser, returns_exit_code
 
 OPERATORS = ("interpolation_mean", "copy", "random", "stack")
 POSITIONS = ("upper", "intermediate", "lower", "random")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _position(text: str) -> str | tuple[int, ...]:
@@ -57,10 +52,9 @@ def _position(text: str) -> str | tuple[int, ...]:
                                          f"like 2,5, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The command line; flag names follow the config fields (kebab case)."""
-    parser = _Parser(prog="grow_checkpoint.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser("grow_checkpoint.py", __doc__)
     parser.add_argument("src", metavar="SRC", help="source checkpoint directory (read only)")
     parser.add_argument("dst", metavar="DST", help="destination checkpoint directory")
     depth = parser.add_argument_group("target depth (exactly one)")
@@ -104,29 +98,24 @@ def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "merge_adapters": args.merge_adapters, "overwrite": args.overwrite}
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), grow SRC into DST; return the exit code."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as exc:  # --help and usage errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
-    # imported here: megatron-core takes seconds to import, --help and usage errors need none
+    args = parser.parse_args(argv)
     from megatron_step.checkpoint import CheckpointError
-    from megatron_step.growth_offline import describe_job, prepare_growth, run_growth, tool_world
+    from megatron_step.growth_offline import describe_job, prepare_growth, run_growth
     from megatron_step.log import quiet_megatron_warnings
-    from megatron_step.parallel import is_rank0
+    from megatron_step.parallel import is_rank0, local_world
 
     quiet_megatron_warnings()
-
-    with tool_world():
+    with local_world():
         if is_rank0():
-            print("grow_checkpoint.py " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+            parser.echo(args, file=sys.stdout)
         try:
             job = prepare_growth(args.src, args.dst, **_job_kwargs(args))
         except (CheckpointError, ValueError) as exc:
-            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-            return 2
+            return parser.fail(str(exc), 2)
         if is_rank0():
             print(describe_job(job), flush=True)
         if args.dry_run:

@@ -18,23 +18,14 @@ Exit codes: 0 written; 1 SRC unreadable or not a supported LLaMA (DST untouched)
 
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from pathlib import Path
-from typing import NoReturn
+
+from megatron_step.cli import Parser, returns_exit_code
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="import_hf.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    parser = Parser("import_hf.py", __doc__)
     parser.add_argument("src", metavar="SRC", help="Hugging Face LlamaForCausalLM directory")
     parser.add_argument("dst", metavar="DST", help="megatron_step checkpoint directory to write")
     parser.add_argument("--seq-length", type=int, metavar="N",
@@ -43,37 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), import, return the exit code (see --help)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help and usage errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
-    print(f"import_hf: src={args.src} dst={args.dst} seq_length={args.seq_length} "
-          f"overwrite={args.overwrite}", file=sys.stderr)
+    args = parser.parse_args(argv)
+    parser.echo(args)
     if Path(args.dst).exists() and not args.overwrite:
-        return _error(f"DST {args.dst!r} exists; pass --overwrite to replace it", 2)
-    with warnings.catch_warnings():  # megatron-core's import-time notices (no TE/apex on CPU)
-        warnings.simplefilter("ignore")
-        from megatron_step.hf import import_checkpoint
-        from megatron_step.log import quiet_megatron_warnings
-        from megatron_step.parallel import local_world
+        parser.error(f"DST {args.dst!r} exists; pass --overwrite to replace it")
+    from megatron_step.hf import import_checkpoint
+    from megatron_step.log import quiet_megatron_warnings
+    from megatron_step.parallel import local_world
+
     quiet_megatron_warnings()
     try:
         with local_world():
             dst, model = import_checkpoint(args.src, args.dst, seq_length=args.seq_length,
                                            overwrite=args.overwrite)
     except (ValueError, OSError) as exc:
-        return _error(str(exc), 1)
+        return parser.fail(str(exc))
     print(f"wrote {dst}: {model.num_layers} layers, hidden {model.hidden_size}, "
           f"{model.num_attention_heads} heads ({model.query_groups} query groups)")
     return 0
-
-
-def _error(message: str, code: int) -> int:
-    print(f"import_hf.py: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

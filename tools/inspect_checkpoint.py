@@ -17,23 +17,14 @@ file or tensor); 2 bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import warnings
-from typing import NoReturn
+
+from megatron_step.cli import Parser, returns_exit_code
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inspect_checkpoint.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    parser = Parser("inspect_checkpoint.py", __doc__)
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--deep", action="store_true",
@@ -41,26 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), inspect, print; return the exit code."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help and usage errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
-    print(f"inspect_checkpoint: checkpoint={args.checkpoint} json={args.json} "
-          f"deep={args.deep}", file=sys.stderr)
-    with warnings.catch_warnings():  # megatron-core's import-time notices (no TE/apex on CPU)
-        warnings.simplefilter("ignore")
-        from megatron_step.inspection import describe_checkpoint, format_description
-        from megatron_step.log import quiet_megatron_warnings
-        from megatron_step.parallel import local_world
+    args = parser.parse_args(argv)
+    parser.echo(args)
+    from megatron_step.inspection import describe_checkpoint, format_description
+    from megatron_step.log import quiet_megatron_warnings
+    from megatron_step.parallel import local_world
+
     quiet_megatron_warnings()
     with local_world():  # only the deep check reads tensors, through a process group
         description = describe_checkpoint(args.checkpoint, deep=args.deep)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     for problem in description["problems"]:
-        print(f"inspect_checkpoint.py: error: {problem}", file=sys.stderr)
+        parser.fail(problem)
     return 0 if description["complete"] else 1
 
 

@@ -23,6 +23,7 @@ import shlex
 import sys
 from typing import NoReturn
 
+from megatron_step.cli import Parser, returns_exit_code
 from megatron_step.config import (
     LORA_TARGETS,
     MODEL_PRESETS,
@@ -54,13 +55,6 @@ FULL_ONLY = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data
 FLAG_FOR_FIELD = {"num_stages": "--stages", "model.preset": "--model"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _int_list(text: str) -> int | tuple[int, ...]:
     """`N` (every stage) or `N,N,...` (one per stage)."""
     try:
@@ -70,10 +64,9 @@ def _int_list(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The command line; flag names follow the config fields (kebab case)."""
-    parser = _Parser(prog="plan_stages.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser("plan_stages.py", __doc__)
     model = parser.add_argument_group("target model: a preset, dimensions, or both (overrides)")
     model.add_argument("--model", nargs="+", metavar="PRESET",
                        help=f"preset name(s): {', '.join(MODEL_PRESETS)}")
@@ -148,7 +141,7 @@ def _flag(field: str) -> str:
     return "--" + field.removeprefix("model.").replace("_", "-")
 
 
-def _fail(parser: argparse.ArgumentParser, error: ConfigError) -> NoReturn:
+def _config_error(parser: argparse.ArgumentParser, error: ConfigError) -> NoReturn:
     """Re-word a library error (`field: message`) to name the flag."""
     field, _, message = str(error).partition(": ")
     parser.error(f"{_flag(field)}: {message}")
@@ -241,7 +234,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
                        train_steps=args.train_steps, lora_alpha=args.lora_alpha,
                        overwrite=args.overwrite)
     except ConfigError as exc:
-        _fail(parser, exc)
+        _config_error(parser, exc)
     if args.markdown:
         print(format_summary_markdown(rows))
         return 0
@@ -257,6 +250,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
     return code
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), plan, print; return the exit code.
 
@@ -264,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    try:
-        return _run(parser, parser.parse_args(argv), argv)
-    except SystemExit as exc:  # argparse's --help and errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
+    return _run(parser, parser.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -25,32 +25,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
-from typing import NoReturn
 
+from megatron_step.cli import Parser, positive_int, returns_exit_code
 from megatron_step.corpus import DOCUMENT_FORMATS, CorpusError, texts
 from megatron_step.tokenizer import load_tokenizer, train_bpe
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The command line."""
-    parser = _Parser(prog="preprocess_data.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser("preprocess_data.py", __doc__)
     parser.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE",
                         help="text or JSONL files, read in order")
     parser.add_argument("--output-prefix", required=True, type=Path, metavar="PREFIX",
@@ -59,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--tokenizer", default="byte", metavar="byte|PATH",
                            help="'byte', a tokenizer.json (or its directory) or a SentencePiece "
                                 ".model (default: byte)")
-    tokenizer.add_argument("--train-bpe", type=_positive, metavar="VOCAB_SIZE",
+    tokenizer.add_argument("--train-bpe", type=positive_int, metavar="VOCAB_SIZE",
                            help="train a byte-level BPE with this many ids on the inputs and use "
                                 "it (written to PREFIX.tokenizer.json)")
     parser.add_argument("--format", choices=DOCUMENT_FORMATS, default="auto",
@@ -69,16 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSONL field holding the text (default: text)")
     parser.add_argument("--split-sentences", action="store_true",
                         help="one sequence per sentence (nltk Punkt)")
-    parser.add_argument("--workers", type=_positive, default=1, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
                         help="tokenizer processes (same output for any N; default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    with warnings.catch_warnings():  # megatron-core's import-time notes about TE/apex on CPU
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron_step.data import build_indexed_dataset
+def _run(parser: Parser, args: argparse.Namespace) -> int:
+    from megatron_step.data import build_indexed_dataset
 
     for name, value in vars(args).items():
         shown = " ".join(map(str, value)) if isinstance(value, list) else value
@@ -114,16 +96,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), write the dataset; return the exit code."""
     parser = build_parser()
     try:
         return _run(parser, parser.parse_args(argv))
     except CorpusError as exc:
-        print(f"{parser.prog}: error: --input: {exc}", file=sys.stderr)
-        return 1
-    except SystemExit as exc:  # argparse's --help and errors: report the code instead of exiting
-        return exc.code if isinstance(exc.code, int) else 1
+        return parser.fail(f"--input: {exc}")
 
 
 if __name__ == "__main__":
