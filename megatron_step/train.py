@@ -82,7 +82,7 @@ class Diverged(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule: which steps each stage runs, where a global step lies
+# Schedule: how many steps each stage runs
 
 
 def stage_steps(config: RunConfig) -> list[int]:
