@@ -1,4 +1,4 @@
-"""The embedded default: a real two-stage STEP run of a tiny LLaMA on CPU, in a minute or two.
+"""The embedded default: a real two-stage STEP run of a tiny LLaMA on CPU, in about half a minute.
 
     python -m megatron_step [--out-dir DIR] [--set KEY=VALUE ...]
 
