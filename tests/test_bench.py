@@ -195,12 +195,14 @@ def test_galore_loop_without_projection_matches_the_trainer(tmp_path: Path,
 
 
 def test_update_readme_replaces_only_its_block(tmp_path: Path) -> None:
-    """--update-readme swaps the text between a benchmark's markers and keeps the rest; a
-    README without the markers is an error naming --update-readme."""
+    """--update-readme swaps the text between a benchmark's markers in every README that has
+    them and keeps the rest; no README with the markers is an error naming --update-readme."""
     common = SCRIPTS["memory"].common
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:a -->\nold\n<!-- /results:a -->\nkeep\n")
-    common.update_readme("a", "new table\n", readme)
-    assert readme.read_text() == "intro\n<!-- results:a -->\nnew table\n<!-- /results:a -->\nkeep\n"
-    with pytest.raises(common.BenchError, match="--update-readme: .* no <!-- results:b -->"):
-        common.update_readme("b", "x", readme)
+    both, other = tmp_path / "README.md", tmp_path / "other.md"
+    both.write_text("intro\n<!-- results:a -->\nold\n<!-- /results:a -->\nkeep\n")
+    other.write_text("no blocks here\n")
+    common.update_readme("a", "new table\n", (both, other))
+    assert both.read_text() == "intro\n<!-- results:a -->\nnew table\n<!-- /results:a -->\nkeep\n"
+    assert other.read_text() == "no blocks here\n"
+    with pytest.raises(common.BenchError, match="--update-readme: no README has a <!-- results:b"):
+        common.update_readme("b", "x", (both, other))
