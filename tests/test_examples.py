@@ -85,3 +85,4 @@ def test_readme_run_command_runs_the_embedded_demo(tmp_path: Path) -> None:
     assert summary["complete"] and summary["final_valid_ppl"] < 20
     assert f"summary {tmp_path}/summary.json" in output
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "memory.png").is_file()
+    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # a test extra
