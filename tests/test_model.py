@@ -42,13 +42,14 @@ def test_preset_parameter_count_matches_closed_form(world1: None, name: str) -> 
         assert count_parameters(model) == 367_969_280
 
 
-def test_tiny_model_runs_forward_and_backward_on_cpu(world1: None) -> None:
-    """Real megatron-core layers (attention with GQA, SwiGLU, RoPE, RMSNorm) train on CPU once
+def test_tiny_model_runs_forward_and_backward(world1: None) -> None:
+    """Real megatron-core layers (attention with GQA, SwiGLU, RoPE, RMSNorm) train, on CPU once
     the compatibility layer is on: finite loss and a gradient on every parameter."""
     tiny = model_preset("tiny")
     gpt = build_model(tiny, 4, ParallelConfig(), FP32, pre_process=True, post_process=True)
-    tokens = random_tokens(tiny)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    device = next(gpt.parameters()).device  # the GPU on a GPU node
+    tokens = random_tokens(tiny).to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     loss = gpt(tokens, positions, None, labels=tokens).mean()
     loss.backward()
     assert torch.isfinite(loss)
