@@ -182,7 +182,7 @@ def test_tensor_parallel_run_matches_single_process(baseline: Path, baseline_tp2
     losses, losses_tp2 = _losses(baseline), _losses(baseline_tp2)
     assert sorted(losses_tp2) == sorted(losses)
     for step, loss in losses.items():
-        assert losses_tp2[step] == pytest.approx(loss, abs=2e-3), step
+        assert losses_tp2[step] == pytest.approx(loss, abs=1e-4), step
     summary = json.loads((baseline / "summary.json").read_text())["stages"]
     summary_tp2 = json.loads((baseline_tp2 / "summary.json").read_text())["stages"]
     for key in ("trainable_params", "frozen_params", "adapter_params"):
