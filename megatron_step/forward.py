@@ -22,6 +22,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_step.parallel import collective_device
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -44,9 +46,8 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module
 
 def _reduce_to_all(value: float | None) -> float:
     """Take the last pipeline stage's value to every rank, averaged over data parallelism."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
-                          device=device)
+                          device=collective_device())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(tensor, src=last, group=parallel_state.get_pipeline_model_parallel_group())

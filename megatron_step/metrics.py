@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.log import logger
 from megatron_step.optim import leaf_optimizers
-from megatron_step.parallel import is_rank0
+from megatron_step.parallel import collective_device, is_rank0
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
@@ -90,8 +90,8 @@ def max_over_ranks(values: dict[str, int]) -> dict[str, int]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                          device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return {k: int(v) for k, v in zip(keys, tensor.tolist(), strict=True)}
 

@@ -111,8 +111,6 @@ def init_distributed(model: ModelConfig, num_layers: int, parallel: ParallelConf
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
     return Layout(
         rank=dist.get_rank(),
         world_size=sizes.world_size,
@@ -122,7 +120,7 @@ def init_distributed(model: ModelConfig, num_layers: int, parallel: ParallelConf
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        device=device,
+        device=collective_device(),
     )
 
 
@@ -157,6 +155,13 @@ def local_world() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_rank0() -> bool:

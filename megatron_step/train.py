@@ -65,7 +65,13 @@ from megatron_step.metrics import (
 )
 from megatron_step.model import build_model
 from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
-from megatron_step.parallel import Layout, destroy_distributed, init_distributed, is_rank0
+from megatron_step.parallel import (
+    Layout,
+    collective_device,
+    destroy_distributed,
+    init_distributed,
+    is_rank0,
+)
 from megatron_step.tokenizer import TokenizerError, load_tokenizer
 
 EXIT_DIVERGED = 3
@@ -107,8 +113,7 @@ class StopFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

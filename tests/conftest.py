@@ -30,8 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="not run: needs a CUDA GPU"))
         if "te" in item.keywords and not te.HAVE_TE:
-            item.add_marker(pytest.mark.skip(
-                reason=f"not run: needs Transformer Engine ({te.TE_UNAVAILABLE_REASON})"))
+            reason = f"not run: needs Transformer Engine ({te.TE_UNAVAILABLE_REASON})"
+            item.add_marker(pytest.mark.skip(reason=reason))  # no transformer_engine here
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,7 +13,12 @@ from megatron_step import cpu_compat, te
 from megatron_step.config import MODEL_PRESETS, ParallelConfig, PrecisionConfig, model_preset
 from megatron_step.layout import ParallelSizes, check_layout, pipeline_split
 from megatron_step.memory import count_parameters
-from megatron_step.model import build_model, layer_spec, pipeline_layout
+from megatron_step.model import (
+    SeededTransformerLayer,
+    build_model,
+    layer_spec,
+    pipeline_layout,
+)
 
 from builders import FP32, random_tokens
 
@@ -56,28 +61,23 @@ def test_tiny_model_runs_forward_and_backward(world1: None) -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpt.parameters())
 
 
-def test_fp8_without_transformer_engine_is_refused_with_the_field_name() -> None:
-    """megatron-core silently ignores FP8 without TE; we refuse and say how to fix it."""
+def test_fp8_needs_transformer_engine() -> None:
+    """megatron-core silently ignores FP8 without TE: we refuse it there, naming the field and
+    the way out; where TE is present the same request builds the TE spec."""
     if te.HAVE_TE:
-        pytest.skip("not run: Transformer Engine is present, FP8 is allowed here")
+        assert layer_spec(PrecisionConfig(fp8="hybrid")) is not None
+        return
     with pytest.raises(ValueError, match=r"precision\.fp8='hybrid' needs Transformer Engine"):
         layer_spec(PrecisionConfig(fp8="hybrid"))
 
 
-def test_local_spec_is_used_without_transformer_engine() -> None:
-    """Without TE the builder falls back to Megatron's local spec (torch RMSNorm)."""
-    if te.HAVE_TE:
-        pytest.skip("not run: Transformer Engine is present")
+def test_layer_spec_follows_transformer_engine_availability() -> None:
+    """TE's fused layers where TE imports (GPU), Megatron's local spec with torch RMSNorm
+    everywhere else; our seeded layer wraps either."""
     spec = layer_spec(PrecisionConfig())
-    assert "TE" not in repr(spec.submodules.self_attention.submodules.linear_qkv)
-
-
-@pytest.mark.te
-def test_transformer_engine_spec_is_used_when_available() -> None:
-    """On a GPU node with TE, the builder picks TE's fused layers."""
-    spec = layer_spec(PrecisionConfig())
-    assert "TELayerNormColumnParallelLinear" in repr(
-        spec.submodules.self_attention.submodules.linear_qkv)
+    linear_qkv = repr(spec.submodules.self_attention.submodules.linear_qkv)
+    assert ("TELayerNormColumnParallelLinear" in linear_qkv) == te.HAVE_TE
+    assert spec.module is SeededTransformerLayer
 
 
 @pytest.mark.gpu
