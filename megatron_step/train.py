@@ -494,9 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run_training(config, until_stage=args.until_stage)
+        loss = summary["final_valid_loss"]
         logger.info("done: %d steps, final validation loss %s; summary %s/summary.json, "
                     "plots %s/loss.png and %s/memory.png, final model %s",
-                    summary["global_steps"], summary["final_valid_loss"], config.out_dir,
+                    summary["global_steps"], "n/a" if loss is None else f"{loss:.4f}",
+                    config.out_dir,
                     config.out_dir, config.out_dir, summary["final_checkpoint"])
         return 0
     except (ConfigError, data.DataError, TokenizerError) as exc:
