@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_step import collectives
 from megatron_step.config import ModelConfig, load_model_config
 from megatron_step.optim import prepare_for_load
 from megatron_step.parallel import local_world
@@ -57,11 +58,6 @@ class CheckpointError(RuntimeError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -109,12 +105,12 @@ def _save_atomic(path: Path, state: dict[str, Any], meta: dict[str, Any],
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    collectives.barrier()
     dist_checkpointing.save(state, str(tmp), content_metadata=SHARDED_METADATA)
     if rank_state is not None:
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "rank_state" / f"{_rank():05d}.pt")
-    _barrier()
+    collectives.barrier()
     if _rank() == 0:
         write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION,
                                             "has_optimizer": False, **_saved_layout(), **meta})
@@ -123,7 +119,7 @@ def _save_atomic(path: Path, state: dict[str, Any], meta: dict[str, Any],
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    collectives.barrier()
     return path
 
 

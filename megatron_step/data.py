@@ -46,6 +46,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_step import collectives
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.corpus import (
     CorpusError,
@@ -251,11 +252,6 @@ def _build_embedded(directory: Path, prefix: Path, tokenizer: Tokenizer, progres
         build_indexed_dataset([jsonl], prefix, tokenizer, progress=progress, overwrite=True)
 
 
-def _share_from_rank0(status: list[str | None]) -> None:
-    if dist.is_initialized():
-        dist.broadcast_object_list(status, src=0)
-
-
 def prepare_embedded_dataset(directory: str | Path, tokenizer: Tokenizer, *,
                              progress: bool = True) -> str:
     """The embedded demo corpus as an indexed dataset under `directory`; returns its prefix.
@@ -271,17 +267,15 @@ def prepare_embedded_dataset(directory: str | Path, tokenizer: Tokenizer, *,
     directory = Path(directory)
     identity = json.dumps(dict(tokenizer.unique_identifiers), sort_keys=True)
     prefix = directory / f"embedded-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    failure: list[str | None] = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             _build_embedded(directory, prefix, tokenizer, progress)
         except Exception as exc:  # tell the waiting ranks, then fail here with the original
-            failure[0] = f"{type(exc).__name__}: {exc}"
-            _share_from_rank0(failure)
+            collectives.broadcast_object(f"{type(exc).__name__}: {exc}", src=0)
             raise
-    _share_from_rank0(failure)
-    if failure[0] is not None:
-        raise DataError(f"rank 0 could not build the embedded dataset: {failure[0]}")
+    failure = collectives.broadcast_object(None, src=0)
+    if failure is not None:
+        raise DataError(f"rank 0 could not build the embedded dataset: {failure}")
     return str(prefix)
 
 

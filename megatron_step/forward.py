@@ -17,12 +17,11 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_step.parallel import collective_device
+from megatron_step import collectives
 
 Batch = dict[str, torch.Tensor]
 
@@ -46,15 +45,11 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module
 
 def _reduce_to_all(value: float | None) -> float:
     """Take the last pipeline stage's value to every rank, averaged over data parallelism."""
-    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
-                          device=collective_device())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        last = parallel_state.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(tensor, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    dp_group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(tensor, group=dp_group)
-        tensor /= dist.get_world_size(dp_group)
+    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    tensor = collectives.broadcast(tensor, src=last,
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+    tensor = collectives.all_reduce(tensor, "mean", group=parallel_state.get_data_parallel_group())
     return float(tensor.item())
 
 
@@ -145,10 +140,6 @@ def compute_logits(chunks: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
         chunk.train()
     shape = (tokens.shape[0], tokens.shape[1], -1)
     logits = captured[0].reshape(shape).cpu() if captured else None
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        holder = [logits]
-        last = parallel_state.get_pipeline_model_parallel_last_rank()
-        dist.broadcast_object_list(holder, src=last,
-                                   group=parallel_state.get_pipeline_model_parallel_group())
-        logits = holder[0]
-    return logits
+    return collectives.broadcast_object(
+        logits, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group())

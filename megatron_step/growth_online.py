@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 
+from megatron_step import collectives
 from megatron_step.checkpoint import SHARDED_METADATA
 from megatron_step.config import GrowthConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_step.growth import (
@@ -97,13 +98,11 @@ def _exchange_old_layers(old: GPTModel, sources: Sequence[LayerSource],
     for index, src, dst in layer_transfers(sources, old.config.num_layers, pipeline_size):
         if me == src:
             for tensor in layers[index].values():
-                dist.send(tensor.contiguous(), dist.get_global_rank(group, dst))
+                collectives.send(tensor, dist.get_global_rank(group, dst), group)
         elif me == dst:
-            received = {}
-            for name, template in templates.items():
-                received[name] = torch.empty_like(template)
-                dist.recv(received[name], dist.get_global_rank(group, src))
-            layers[index] = received
+            layers[index] = {name: collectives.recv(template, dist.get_global_rank(group, src),
+                                                    group)
+                             for name, template in templates.items()}
     return layers
 
 

@@ -66,7 +66,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_step import te
+from megatron_step import collectives, te
 from megatron_step.config import LoraConfig
 from megatron_step.seeds import derive_seed
 
@@ -302,10 +302,11 @@ def _counts(chunks: Sequence[torch.nn.Module], unique: bool) -> ParamCounts:
 def _model_counts(chunks: Sequence[torch.nn.Module]) -> ParamCounts:
     """Unique counts summed over the model-parallel (TP x PP) group."""
     unique = _counts(chunks, unique=True)
-    totals = torch.tensor([unique.trainable, unique.frozen, unique.adapter], dtype=torch.int64)
+    values = [unique.trainable, unique.frozen, unique.adapter]
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
-    return ParamCounts(*(int(v) for v in totals))
+        values = collectives.all_reduce_values(
+            values, group=parallel_state.get_model_parallel_group(), dtype=torch.int64)
+    return ParamCounts(*(int(v) for v in values))
 
 
 def _input_requires_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_step import collectives
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.log import logger
 from megatron_step.optim import leaf_optimizers
-from megatron_step.parallel import collective_device, is_rank0
+from megatron_step.parallel import is_rank0
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
@@ -90,10 +91,9 @@ def max_over_ranks(values: dict[str, int]) -> dict[str, int]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                          device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return {k: int(v) for k, v in zip(keys, tensor.tolist(), strict=True)}
+    maxima = collectives.all_reduce_values([values[k] for k in keys], op="max",
+                                           dtype=torch.int64)
+    return {k: int(v) for k, v in zip(keys, maxima, strict=True)}
 
 
 class MetricsLog:

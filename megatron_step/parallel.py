@@ -38,6 +38,7 @@ class Layout:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    """Where this rank's model lives (collectives pick their own: `collectives`)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -120,7 +121,7 @@ def init_distributed(model: ModelConfig, num_layers: int, parallel: ParallelConf
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        device=collective_device(),
+        device=model_device(),
     )
 
 
@@ -157,8 +158,8 @@ def local_world() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def collective_device() -> torch.device:
-    """Where small tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+def model_device() -> torch.device:
+    """Where this rank's model lives: its GPU when there is one, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_step import data, lora, relora
+from megatron_step import collectives, data, lora, relora
 from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -67,7 +66,6 @@ from megatron_step.model import build_model
 from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
 from megatron_step.parallel import (
     Layout,
-    collective_device,
     destroy_distributed,
     init_distributed,
     is_rank0,
@@ -113,10 +111,8 @@ class StopFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=collective_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(collectives.all_reduce_values([int(self.raised)], op="max",
+                                                  dtype=torch.int64)[0])
 
 
 # ---------------------------------------------------------------------------------------------
