@@ -139,17 +139,21 @@ class LoraLinear(torch.nn.Module):
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, bias = super().forward(input_, *args, **kwargs)
         if self.lora_state.merged:
-            return output, bias
+            return super().forward(input_, *args, **kwargs)
+        if te.fuses_norm(self):  # the branch sees norm(x), as the base GEMM does
+            with te.returning_norm_output(self):
+                output, bias, branch_input = te.split_norm_output(
+                    super().forward(input_, *args, **kwargs))
+        else:
+            (output, bias), branch_input = super().forward(input_, *args, **kwargs), input_
         with te.fp8_disabled():  # adapters compute in the params dtype, never in FP8
-            delta = self._lora_branch(input_)
+            delta = self._lora_branch(branch_input)
         return output + delta.to(output.dtype), bias
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """scale * B (A dropout(x)) for this rank's share of the output ([s, b, *])."""
         state = self.lora_state
-        x = te.lora_branch_input(self, x)  # TE LayerNormLinear: re-apply its fused norm
         group = _tp_group(self)
         if state.kind == "column":
             if state.dropout and self.training:  # x is replicated over TP: same mask everywhere

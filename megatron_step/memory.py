@@ -42,12 +42,15 @@ from typing import Literal
 from megatron_step.config import (
     LORA_TARGETS,
     ConfigError,
+    Fp8Recipe,
+    GrowthConfig,
+    GrowthOperator,
     GrowthPosition,
     ModelConfig,
     RunConfig,
     StageConfig,
 )
-from megatron_step.growth import new_layer_indices
+from megatron_step.growth import layer_map
 from megatron_step.layout import ParallelSizes, check_layout, pipeline_offsets, pipeline_split
 
 MemoryModel = Literal["paper", "full"]
@@ -85,8 +88,14 @@ class MemorySettings:
     attention_backend: Literal["flash", "unfused"] = "flash"
     """`unfused` keeps the a * s^2 softmax probabilities per layer; flash attention does not."""
     freeze_embeddings_after_stage1: bool = False
-    growth_position: GrowthPosition = "upper"
-    """Where new layers go (growth.py, seed 0); decides their PP rank."""
+    growth_operator: GrowthOperator = "interpolation_mean"
+    growth_position: GrowthPosition | tuple[int, ...] = "upper"
+    growth_seed: int = 0
+    """Operator, position and seed of growth.layer_map: where the new layers of a stage go
+    (`stack` appends on top whatever the position), which decides their pipeline rank."""
+    fp8_recipe: Fp8Recipe | None = None
+    """FP8 compute through Transformer Engine with this recipe (precision.fp8_recipe when
+    precision.fp8 is set); None: no FP8 compute. Adds TE's FP8 weight caches (see module doc)."""
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ConfigError naming the field when a setting is impossible for this model."""
@@ -119,6 +128,9 @@ class MemoryBreakdown:
     main_grads: int
     """Transient fp32 grad copies made by the optimizer step (after activations are freed)."""
     activations: int
+    weight_caches: int = 0
+    """FP8 copies of the linear weights Transformer Engine keeps across micro-batches (FP8
+    compute only); alive across steps like the model state, but not part of it."""
 
     @property
     def model_state_bytes(self) -> int:
@@ -127,15 +139,16 @@ class MemoryBreakdown:
 
     @property
     def peak_bytes(self) -> int:
-        return self.model_state_bytes + max(self.activations, self.main_grads)
+        return (self.model_state_bytes + self.weight_caches
+                + max(self.activations, self.main_grads))
 
     def as_dict(self) -> dict[str, int]:
         """Components plus `model_state_bytes` and `peak_bytes` (JSON-ready)."""
         return {"weights": self.weights, "grads": self.grads,
                 "master_weights": self.master_weights,
                 "optimizer_states": self.optimizer_states, "main_grads": self.main_grads,
-                "activations": self.activations, "model_state_bytes": self.model_state_bytes,
-                "peak_bytes": self.peak_bytes}
+                "activations": self.activations, "weight_caches": self.weight_caches,
+                "model_state_bytes": self.model_state_bytes, "peak_bytes": self.peak_bytes}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -225,9 +238,38 @@ def _layer_params_per_rank(model: ModelConfig, settings: MemorySettings) -> tupl
     return linear, 2 * model.hidden_size, adapter
 
 
+def fp8_weight_cache_bytes(settings: MemorySettings, trainable_linear: int,
+                           frozen_linear: int) -> int:
+    """Bytes of the FP8 weight copies TE caches for one rank's linear parameters.
+
+    With FP8 compute, TE quantises each weight once per optimizer step (Megatron sets
+    `is_first_microbatch`) and keeps the result for the step's other micro-batches and for the
+    backward pass, frozen weights included (TE 2.x `module/base.py` `get_weight_workspace`,
+    keyed "weight", independent of requires_grad). Backward needs the transposed weight for the
+    input gradient, so on Hopper the copy holds FP8 data + FP8 transpose: 2 bytes per element
+    for delayed, current (tensorwise) and block scaling, 2 + 2/32 for MXFP8's E8M0 block scales
+    (`csrc/quantizer.cpp` create_tensor). A weight already stored in FP8 (precision.
+    fp8_frozen_storage) is used directly, but Hopper attaches its 1-byte transpose to it
+    (`Float8TensorStorage.update_usage`). Blackwell needs no transpose for delayed/current
+    scaling (1 byte); this model assumes Hopper (H100/H200), the product's target.
+    """
+    if settings.fp8_recipe is None:
+        return 0
+    per_element = 2 + (2 / 32 if settings.fp8_recipe == "mxfp8" else 0)
+    frozen = 1 if settings.fp8_frozen_storage else per_element
+    return math.ceil(per_element * trainable_linear + frozen * frozen_linear)
+
+
 def _activation_bytes(model: ModelConfig, settings: MemorySettings, num_layers: int,
-                      in_flight: int, last_rank: bool) -> int:
-    """Activation estimate of one PP rank (bytes); see `activation_bytes_per_layer`."""
+                      num_frozen: int, in_flight: int, last_rank: bool) -> int:
+    """Activation estimate of one PP rank (bytes); see `activation_bytes_per_layer`.
+
+    FP8 with adapters adds one term per frozen layer: an adapted TE LayerNormLinear (linear_qkv,
+    linear_fc1) hands its normalised input to the LoRA branch (`return_layernorm_output`), and
+    under FP8 TE then also saves its own FP8 copy of that input although a frozen weight needs
+    no weight gradient (TE 2.x `module/layernorm_linear.py`: `ln_out` is only freed when the
+    weight is frozen *and* not returned): 1 byte per element of [s, b, h].
+    """
     s, b, h = model.seq_length, settings.micro_batch_size, model.hidden_size
     tp = settings.tensor_model_parallel_size
     element = 2 if settings.params_dtype == "bf16" else 4
@@ -237,7 +279,15 @@ def _activation_bytes(model: ModelConfig, settings: MemorySettings, num_layers: 
     # last rank: final-norm input, output-layer input, fp32 logits kept by the cross entropy
     head = 2 * layer_input + 4 * s * b * model.vocab_size // tp if last_rank else 0
     recomputed = full_layer if settings.recompute_activations else 0
-    return in_flight * (num_layers * kept + head) + recomputed
+    fp8_norm_copies = 0  # 1 byte per [s, b, h] element, per adapted norm-fused linear
+    if settings.fp8_recipe is not None and settings.lora_rank and num_frozen:
+        per_layer = (sum(t in ("linear_qkv", "linear_fc1") for t in settings.lora_targets)
+                     * layer_input // element)
+        if settings.recompute_activations:  # only the layer being recomputed holds them
+            recomputed += per_layer
+        else:
+            fp8_norm_copies = num_frozen * per_layer
+    return in_flight * (num_layers * kept + head + fp8_norm_copies) + recomputed
 
 
 def activation_bytes_per_layer(model: ModelConfig, settings: MemorySettings) -> int:
@@ -293,8 +343,10 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
     embeddings_trainable = not (settings.freeze_embeddings_after_stage1 and num_old > 0)
     # a tied output layer still has its own copy on the last PP rank when PP > 1
     has_output = model.untie_embeddings_and_output_weights or pp > 1
-    new = set(new_layer_indices(num_old, num_new, settings.growth_position)
-              if num_old else range(depth))
+    growth = GrowthConfig(operator=settings.growth_operator, position=settings.growth_position,
+                          seed=settings.growth_seed)
+    new = ({i for i, source in enumerate(layer_map(num_old, num_new, growth)) if source.is_new}
+           if num_old else set(range(depth)))
     ranks = []
     for rank, (first, count) in enumerate(zip(pipeline_offsets(depth, pp),
                                               pipeline_split(depth, pp), strict=True)):
@@ -313,7 +365,10 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
             weights=weight_bytes * trainable + frozen_bytes, grads=grad_bytes * trainable,
             master_weights=4 * shard if bf16 else 0, optimizer_states=8 * shard,
             main_grads=4 * shard if grad_bytes == 2 else 0,
-            activations=_activation_bytes(model, settings, count, pp - rank, rank == pp - 1)))
+            activations=_activation_bytes(model, settings, count, num_frozen, pp - rank,
+                                          rank == pp - 1),
+            weight_caches=fp8_weight_cache_bytes(settings, num_trainable * linear,
+                                                 num_frozen * linear)))
     per_layer = params_per_layer(model)
     vocab_params = _vocab_params(model)
     trainable_total = num_new * per_layer + model.hidden_size
@@ -404,4 +459,6 @@ def run_settings(config: RunConfig, stage: StageConfig, data_parallel_size: int
         recompute_activations=config.parallel.recompute_activations,
         attention_backend="flash" if te.HAVE_TE else "unfused",
         freeze_embeddings_after_stage1=config.freeze_embeddings_after_stage1,
-        growth_position=stage.growth.position)
+        growth_operator=stage.growth.operator, growth_position=stage.growth.position,
+        growth_seed=stage.growth.seed,
+        fp8_recipe=config.precision.fp8_recipe if config.precision.fp8 is not None else None)

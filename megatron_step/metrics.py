@@ -12,6 +12,7 @@ when the `tensorboard` package is installed, `summary.json` and PNG plots.
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -76,6 +77,24 @@ def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> di
     return {"weights": weights, "grads": grads, "master_weights": master,
             "optimizer_states": states, "model_state_bytes": weights + grads + master + states,
             "trainable_params": trainable, "frozen_params": frozen}
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor alive in this process right now (all ranks' model state included).
+
+    On GPU the CUDA allocator's count. On CPU the storages of every tensor object the garbage
+    collector tracks, each storage once, *before* any collection: memory held by unreachable
+    cycles not yet collected counts, as it does in the CUDA allocator until those are collected.
+    """
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values())
 
 
 def peak_memory_bytes() -> int:

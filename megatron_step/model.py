@@ -57,10 +57,10 @@ def layer_spec(precision: PrecisionConfig, seed: int = 1234) -> ModuleSpec:
     seeded per global index (`SeededTransformerLayer`).
 
     Raises:
-        ValueError: FP8 requested (`precision.fp8`) but Transformer Engine is not available.
+        ConfigError: FP8 requested (`precision.fp8`) that this process cannot run (no
+            Transformer Engine, or a recipe the GPU does not support).
     """
-    if precision.fp8 is not None:
-        te.require_te("precision.fp8", precision.fp8)
+    te.check_fp8(precision)
     if te.HAVE_TE:
         spec = te.te_layer_spec()
     else:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_step import collectives, data, lora, relora
+from megatron_step import collectives, data, lora, relora, te
 from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -54,6 +54,7 @@ from megatron_step.log import describe_backend, logger, setup_logging
 from megatron_step.memory import run_settings, stage_cost
 from megatron_step.metrics import (
     MetricsLog,
+    live_tensor_bytes,
     max_over_ranks,
     measure_model_state,
     peak_memory_bytes,
@@ -63,7 +64,7 @@ from megatron_step.metrics import (
     write_summary,
 )
 from megatron_step.model import build_model
-from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
+from megatron_step.optim import learning_rate, release, set_learning_rate, wrap_and_optimize
 from megatron_step.parallel import (
     Layout,
     destroy_distributed,
@@ -225,6 +226,8 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         meta = load_checkpoint(resume["path"], chunks, optimizer)
         _restore_rank_state(meta.get("rank_state"))
         start = meta["stage_step"]
+    # everything this stage allocates before its first step; the previous stage's must be gone
+    live_at_start = max_over_ranks({"live_bytes_at_start": live_tensor_bytes()})
     logger.info("stage %d/%d: %d layers (%d frozen + adapters rank %d, %d new), steps %d..%d; "
                 "params trainable %s, frozen %s, adapters %s", index, len(config.stages),
                 len(provenance), len(frozen), stage.lora.rank if frozen else 0,
@@ -293,8 +296,8 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     bar.close()
     wall = time.perf_counter() - wall_start
     predicted, predicted_peak = _stage_prediction(run, index)
-    measured = max_over_ranks({**measure_model_state(ddp, optimizer),
-                               "peak_bytes": peak_memory_bytes()})
+    measured = {**max_over_ranks({**measure_model_state(ddp, optimizer),
+                                  "peak_bytes": peak_memory_bytes()}), **live_at_start}
     if valid_loss is None:
         valid_loss = _evaluate(run, ddp)
     run.stage_summaries.append({
@@ -311,6 +314,7 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     lora.merge_adapters(chunks)
     _save(run, f"stage{index}-end", chunks, _meta(run, index, steps, "stage_end", provenance,
                                                   None))
+    release(ddp, optimizer)  # before the next stage grows the model (see optim.release)
 
 
 def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path) -> tuple[Any, Any]:
@@ -403,6 +407,7 @@ def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str,
         ConfigError: the starting checkpoint does not fit the config.
     """
     out_dir = Path(config.out_dir)
+    te.check_fp8(config.precision)  # before minutes of data preparation, not at the first step
     layout = init_distributed(config.model, config.stages[0].num_layers, config.parallel,
                               seed=config.train.seed)
     logger.info("world %d = TP %d x PP %d x DP %d; %s", layout.world_size,
