@@ -27,9 +27,16 @@ row-parallel base: A split, B replicated). PP ranks hold contiguous layers as
 first rank, output layer and final norm on the last. Activations: `activation_bytes_per_layer`
 per layer and micro-batch; under 1F1B rank r keeps PP - r micro-batches in flight (assumes at
 least PP micro-batches per step); the last rank adds fp32 logits. Per-GPU peak = the heaviest
-rank's `model_state_bytes + max(activations, main_grads)`: the optimizer's fp32 grad copies exist
-only after backward freed the activations. Not modelled: DDP bucket padding, allocator
-fragmentation, CUDA context, communication buffers.
+rank's `model_state_bytes + weight_caches + max(activations, main_grads)`: the optimizer's fp32
+grad copies exist only after backward freed the activations.
+
+What the TE spec and FP8 compute add (each documented where it is computed, with its TE source):
+TE's FP8 weight caches, alive across steps (`fp8_weight_cache_bytes`: 2 bytes per linear
+parameter on Hopper, frozen ones included), and under FP8 one FP8 copy of the normalised input per
+adapted norm-fused linear of a frozen layer (`_activation_bytes`). Left out as negligible: fused
+attention's fp32 log-sum-exp (a s b per layer) and the norms' fp32 rsigma (s b), under 0.1% of a
+layer's activations at h >= 1024. Not modelled: DDP bucket padding, allocator fragmentation, CUDA
+context, communication buffers.
 """
 
 from __future__ import annotations
