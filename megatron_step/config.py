@@ -158,20 +158,24 @@ class PrecisionConfig:
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Fp8Recipe = "delayed"
     fp8_frozen_storage: bool = False
-    """Store frozen base weights in FP8 (1 byte/param) through TE. Reserved: refused until
-    implemented (needs a GPU with TE to build and test); the planner models it already."""
+    """Store the frozen layers' linear weights in FP8 (float8_e4m3fn, 1 byte per parameter +
+    fp32 scales) on the device, with or without FP8 compute; full precision stays on the host
+    and in checkpoints (see megatron_step/fp8_storage.py)."""
+    fp8_frozen_block_size: int = 0
+    """Scale granularity of FP8 storage on Megatron's local spec: 0 = one scale per output
+    channel (row of W), N = one per N consecutive input elements of a row (N must divide every
+    frozen linear's per-shard input dimension). The TE spec uses one scale per tensor."""
     grad_reduce_in_fp32: bool = True
     """With bf16 params, accumulate and all-reduce gradients in fp32 (4 B per trainable param),
     as Megatron-LM does for bf16; false keeps bf16 gradient buffers (2 B)."""
 
     def validate(self, path: str) -> None:
-        if self.fp8_frozen_storage:
-            _check(_path(path, "fp8_frozen_storage"), self.fp8 is not None,
-                   "needs precision.fp8 to be set ('e4m3' or 'hybrid')")
-            _fail(_path(path, "fp8_frozen_storage"),
-                  "not implemented yet: frozen weights stay in params_dtype (FP8 compute via "
-                  "precision.fp8 works); the planner can still estimate it "
-                  "(tools/plan_stages.py --fp8-frozen-storage)")
+        _check(_path(path, "fp8_frozen_block_size"), self.fp8_frozen_block_size >= 0,
+               f"must be >= 0 (0: one scale per output channel), got "
+               f"{self.fp8_frozen_block_size}")
+        if self.fp8_frozen_block_size and not self.fp8_frozen_storage:
+            _fail(_path(path, "fp8_frozen_block_size"), "has no effect without "
+                  "precision.fp8_frozen_storage: true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,12 +437,13 @@ class RunConfig:
         mbs, gbs = self.train.micro_batch_size, self.train.global_batch_size
         _check("train.global_batch_size", gbs % mbs == 0,
                f"{gbs} is not a multiple of micro_batch_size ({mbs})")
-        if self.precision.fp8 is not None:
-            try:
+        try:
+            if self.precision.fp8 is not None:
                 fp8_support.check_shapes(self.model, self.precision.fp8_recipe,
                                          tensor_model_parallel_size=tp, micro_batch_size=mbs)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+            fp8_support.check_storage_block(self.model, self.precision.fp8_frozen_block_size, tp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,20 @@ def check_shapes(model: ModelConfig, recipe: str, *, tensor_model_parallel_size:
             "precision.fp8: null")
 
 
+def check_storage_block(model: ModelConfig, block_size: int,
+                        tensor_model_parallel_size: int = 1) -> None:
+    """Raise ValueError naming `precision.fp8_frozen_block_size` when a block would straddle a
+    tensor-parallel shard or a row's end (it must divide every per-shard input dimension)."""
+    if not block_size:
+        return
+    bad = [f"{name} ({in_local})" for name, (_, in_local)
+           in linear_shards(model, tensor_model_parallel_size).items() if in_local % block_size]
+    if bad:
+        raise ValueError(f"precision.fp8_frozen_block_size: {block_size} does not divide the "
+                         f"per-shard input dimension of {', '.join(bad)} at TP "
+                         f"{tensor_model_parallel_size}; use a divisor, or 0 (per channel)")
+
+
 def check_hardware(recipe: str, capability: tuple[int, int]) -> None:
     """Raise ValueError naming `precision.fp8_recipe` when this GPU cannot run the recipe.
 

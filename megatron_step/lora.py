@@ -66,7 +66,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_step import collectives, te
+from megatron_step import collectives, fp8_storage, te
 from megatron_step.config import LoraConfig
 from megatron_step.seeds import derive_seed
 
@@ -327,8 +327,8 @@ def _input_requires_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
 
 
 def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[int],
-                     lora: LoraConfig, *, seed: int, freeze_embeddings: bool = False
-                     ) -> AdapterReport:
+                     lora: LoraConfig, *, seed: int, freeze_embeddings: bool = False,
+                     fp8_block_size: int | None = None) -> AdapterReport:
     """Freeze the given layers, put LoRA adapters on their target linears, train the rest.
 
     Call it before `optim.wrap_and_optimize`: Megatron's DDP and optimizer only leave out
@@ -340,6 +340,8 @@ def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[
         lora: rank, alpha, dropout and target linears.
         seed: adapter init seed; A depends on (seed, layer, target) only.
         freeze_embeddings: also freeze the embedding, final norm and output layer.
+        fp8_block_size: store the frozen layers' linear weights in FP8 with this scale block
+            (0: per output channel; fp8_storage); None keeps them in the params dtype.
 
     Returns:
         Local and whole-model parameter counts. Collective over the model-parallel group.
@@ -362,6 +364,10 @@ def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[
             index = layer.layer_number - 1
             layer.requires_grad_(index not in frozen)
             if index in frozen:
+                if fp8_block_size is not None:  # before the adapters: Lora<Fp8<Linear>>
+                    for module in layer.modules():
+                        if linear_kind(module) is not None:
+                            fp8_storage.store(module, fp8_block_size)
                 _adapt_layer(layer, index, lora, seed)
         recompute = chunk.config.recompute_granularity == "full"
         if (freeze_embeddings and recompute and chunk.pre_process
@@ -403,8 +409,15 @@ def lora_delta(module: LoraLinear) -> torch.Tensor:
 
 @torch.no_grad()
 def _add_to_base(module: LoraLinear, delta: torch.Tensor) -> None:
-    """W <- W + delta, accumulated in fp32 and cast back to W's dtype."""
+    """W <- W + delta, accumulated in fp32 and cast back to W's dtype.
+
+    An FP8-stored base takes the delta into its full-precision host master, which is then
+    quantized again (fp8_storage.add_to_master): the delta is never rounded to FP8 and lost.
+    """
     name = module.lora_state.name
+    if fp8_storage.is_stored(module):
+        fp8_storage.add_to_master(module, delta)
+        return
     te.check_mergeable(module.weight, name)
     merged = module.weight.float() + delta
     if not torch.isfinite(merged).all():

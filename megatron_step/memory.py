@@ -46,6 +46,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_step import fp8_support
 from megatron_step.config import (
     LORA_TARGETS,
     ConfigError,
@@ -86,7 +87,10 @@ class MemorySettings:
     grad_reduce_in_fp32: bool = True
     """Megatron DDP's fp32 grad buffer for bf16 params (precision.grad_reduce_in_fp32)."""
     fp8_frozen_storage: bool = False
-    """Frozen linear weights stored in FP8 through Transformer Engine (1 byte each)."""
+    """Frozen linear weights stored in FP8 (precision.fp8_frozen_storage): 1 byte each plus
+    fp32 scales (fp8_storage.py)."""
+    fp8_frozen_block_size: int = 0
+    """Scale granularity of FP8 storage: 0 per output channel, N per N input elements."""
     micro_batch_size: int = 1
     recompute_activations: bool = False
     """Full recompute of every layer: only layer inputs stay alive between forward and backward."""
@@ -245,6 +249,16 @@ def _layer_params_per_rank(model: ModelConfig, settings: MemorySettings) -> tupl
     return linear, 2 * model.hidden_size, adapter
 
 
+def fp8_scale_elements(model: ModelConfig, settings: MemorySettings) -> int:
+    """fp32 scales of one frozen layer's FP8-stored linears on one TP rank (fp8_storage.py):
+    one per output row of each shard, or one per `fp8_frozen_block_size` input elements of it.
+    (The TE spec keeps one scale per tensor instead: 4 bytes per linear, a negligible
+    over-count here.)"""
+    shards = fp8_support.linear_shards(model, settings.tensor_model_parallel_size)
+    block = settings.fp8_frozen_block_size
+    return sum(out * (inputs // block if block else 1) for out, inputs in shards.values())
+
+
 def fp8_weight_cache_bytes(settings: MemorySettings, trainable_linear: int,
                            frozen_linear: int) -> int:
     """Bytes of the FP8 weight copies TE caches for one rank's linear parameters.
@@ -344,6 +358,7 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
     weight_bytes = 2 if bf16 else 4
     grad_bytes = 4 if settings.grad_reduce_in_fp32 or not bf16 else 2
     frozen_linear_bytes = 1 if settings.fp8_frozen_storage else weight_bytes
+    scale_bytes = 4 * fp8_scale_elements(model, settings) if settings.fp8_frozen_storage else 0
     dp = settings.data_parallel_size if settings.use_distributed_optimizer else 1
     linear, norm, adapter = _layer_params_per_rank(model, settings)
     vocab_rows = model.vocab_size * model.hidden_size // tp
@@ -360,7 +375,8 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
         num_trainable = sum(index in new for index in range(first, first + count))
         num_frozen = count - num_trainable
         trainable = num_trainable * (linear + norm) + num_frozen * adapter
-        frozen_bytes = num_frozen * (linear * frozen_linear_bytes + norm * weight_bytes)
+        frozen_bytes = num_frozen * (linear * frozen_linear_bytes + scale_bytes
+                                     + norm * weight_bytes)
         vocab_tensors = (rank == 0) + (rank == pp - 1 and has_output)
         if embeddings_trainable:
             trainable += vocab_tensors * vocab_rows
@@ -462,6 +478,7 @@ def run_settings(config: RunConfig, stage: StageConfig, data_parallel_size: int
         params_dtype=config.precision.params_dtype,
         grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
         fp8_frozen_storage=config.precision.fp8_frozen_storage,
+        fp8_frozen_block_size=config.precision.fp8_frozen_block_size,
         micro_batch_size=config.train.micro_batch_size,
         recompute_activations=config.parallel.recompute_activations,
         attention_backend="flash" if te.HAVE_TE else "unfused",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_step import collectives
+from megatron_step import collectives, fp8_storage
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.log import logger
 from megatron_step.optim import leaf_optimizers
@@ -74,6 +74,7 @@ def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> di
         for state in inner.state.values():
             states += sum(_nbytes(v) for k, v in state.items()
                           if k in ("exp_avg", "exp_avg_sq") and isinstance(v, torch.Tensor))
+    weights += fp8_storage.stored_bytes(chunks)  # FP8 scales (the FP8 weights are parameters)
     return {"weights": weights, "grads": grads, "master_weights": master,
             "optimizer_states": states, "model_state_bytes": weights + grads + master + states,
             "trainable_params": trainable, "frozen_params": frozen}

@@ -56,6 +56,10 @@ def check_fp8(precision: PrecisionConfig) -> None:
         ConfigError: FP8 without TE, or a recipe this GPU's compute capability lacks (MXFP8 on
             an H100, say), naming the field.
     """
+    if HAVE_TE and precision.fp8_frozen_storage and precision.fp8_frozen_block_size:
+        raise ConfigError("precision.fp8_frozen_block_size: the TE layer spec stores frozen "
+                          "weights as TE Float8Tensors, one scale per tensor; block scales apply "
+                          "to Megatron's local spec only (set it to 0)")
     if precision.fp8 is None:
         return
     require_te("precision.fp8", precision.fp8)
@@ -149,6 +153,38 @@ def split_norm_output(result: tuple) -> tuple[torch.Tensor, torch.Tensor | None,
         return result[0], result[1], result[2]
     (output, norm_output), bias = result
     return output, bias, norm_output
+
+
+@torch.no_grad()
+def requantize_frozen_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Make a TE linear's frozen weight a TE Float8Tensor (E4M3) of `weight` (its master).
+
+    TE consumes such a weight directly in FP8 GEMMs under FP8 autocast and de-quantizes it per
+    forward otherwise (TE 2.x `_get_weight_tensors`). The quantizer is TE's delayed-scaling one
+    with the scale set from the weight's own amax (`Float8Quantizer(scale, amax, fp8_dtype)` in
+    `transformer_engine/pytorch/tensor/float8_tensor.py`, present in TE 2.1-2.11), i.e. one
+    scale per tensor; row-wise and column-wise (Hopper: the transpose for the input gradient).
+    """
+    import transformer_engine_torch as tex
+    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
+
+    amax = weight.detach().abs().amax().float().clamp(min=1e-12).reshape(1)
+    quantizer = Float8Quantizer(scale=448.0 / amax, amax=amax, fp8_dtype=tex.DType.kFloat8E4M3,
+                                rowwise=True, columnwise=True)
+    _replace_weight(module, quantizer(weight))
+
+
+@torch.no_grad()
+def restore_frozen_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Give a TE linear its frozen weight back as a plain tensor in the params dtype."""
+    _replace_weight(module, weight)
+
+
+def _replace_weight(module: torch.nn.Module, value: torch.Tensor) -> None:
+    old = module.weight
+    module.weight = torch.nn.Parameter(value, requires_grad=False)
+    module.weight.__dict__.update({k: v for k, v in old.__dict__.items()
+                                   if not k.startswith("_")})  # Megatron's TP attributes
 
 
 def check_mergeable(weight: torch.Tensor, name: str) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_step import collectives, data, lora, relora, te
+from megatron_step import collectives, data, fp8_storage, lora, relora, te
 from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -215,9 +215,11 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     stage = config.stages[index - 1]
     steps = stage_steps(config)[index - 1]
     frozen = {i for i, entry in enumerate(provenance) if entry["born_stage"] < index}
-    report = lora.freeze_and_adapt(chunks, frozen, stage.lora, seed=config.train.seed + index,
-                                   freeze_embeddings=index > 1
-                                   and config.freeze_embeddings_after_stage1)
+    precision = config.precision
+    report = lora.freeze_and_adapt(
+        chunks, frozen, stage.lora, seed=config.train.seed + index,
+        freeze_embeddings=index > 1 and config.freeze_embeddings_after_stage1,
+        fp8_block_size=precision.fp8_frozen_block_size if precision.fp8_frozen_storage else None)
     ddp, optimizer = wrap_and_optimize(chunks, config.parallel, config.precision,
                                        config.optimizer, stage.lr)
     adapters = lora.adapter_meta(stage.lora, frozen)
@@ -311,10 +313,11 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         "steps": steps - start, "tokens": (steps - start) * run.tokens_per_step,
         "tokens_per_s": (steps - start) * run.tokens_per_step / max(wall, 1e-9),
         "wall_s": wall})
-    lora.merge_adapters(chunks)
+    release(ddp, optimizer)  # before the next stage grows the model (see optim.release)
+    lora.merge_adapters(chunks)  # into the full-precision masters of FP8-stored weights
+    fp8_storage.restore(chunks)  # growth and the next stage start from full precision
     _save(run, f"stage{index}-end", chunks, _meta(run, index, steps, "stage_end", provenance,
                                                   None))
-    release(ddp, optimizer)  # before the next stage grows the model (see optim.release)
 
 
 def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path) -> tuple[Any, Any]:

@@ -294,8 +294,9 @@ def test_distributed_optimizer_shards_master_and_adam_not_grads() -> None:
 
 
 def test_frozen_layers_cost_weight_bytes_only_and_fp8_halves_linears() -> None:
-    """A stage with N old layers: they add 2 bytes/param (linears 1 with FP8 storage) plus their
-    adapters, which are trainable (16 bytes each without the fp32 grad buffer)."""
+    """A stage with N old layers: they add 2 bytes/param (linears 1 with FP8 storage, plus one
+    fp32 scale per output row, or per block of input elements) plus their adapters, which are
+    trainable (16 bytes each without the fp32 grad buffer)."""
     model = _with_depth(GQA_MODEL, 8)
     rank = 4
     settings = MemorySettings(lora_rank=rank, grad_reduce_in_fp32=False)
@@ -305,7 +306,13 @@ def test_frozen_layers_cost_weight_bytes_only_and_fp8_halves_linears() -> None:
     first = stage_cost(model, 3, 0, settings).memory
     assert grown.model_state_bytes - first.model_state_bytes == 5 * (2 * layer + 16 * adapter)
     fp8 = stage_cost(model, 3, 5, dataclasses.replace(settings, fp8_frozen_storage=True)).memory
-    assert grown.weights - fp8.weights == 5 * (layer - norms)
+    qkv_out = (model.num_attention_heads + 2 * model.query_groups) * model.head_dim
+    rows = qkv_out + model.hidden_size + 2 * model.ffn_hidden_size + model.hidden_size
+    assert grown.weights - fp8.weights == 5 * (layer - norms - 4 * rows)
+    blocks = dataclasses.replace(settings, fp8_frozen_storage=True, fp8_frozen_block_size=32)
+    per_block = stage_cost(model, 3, 5, blocks).memory
+    inputs = (qkv_out * 96 + 96 * 96 + 2 * model.ffn_hidden_size * 96 + 96 * 256) // 32
+    assert grown.weights - per_block.weights == 5 * (layer - norms - 4 * inputs)
 
 
 def test_tensor_parallel_splits_linears_and_vocab_but_not_norms() -> None:
