@@ -89,12 +89,25 @@ def scale_elements(out_features: int, in_features: int, block_size: int) -> int:
     return out_features * (in_features // block_size if block_size else 1)
 
 
+def _gemm_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a GEMM multiplies by: q in `dtype` (exact: E4M3 fits bf16), times the block
+    scales broadcast in `dtype`; per-channel scales are applied to the GEMM output instead."""
+    weight = q.to(dtype)  # the only full-size transient: 2 bytes per element in bf16
+    if scale.dim() == 2:
+        out, inputs = q.shape
+        weight = (weight.view(out, scale.shape[1], -1) * scale.to(dtype)[:, :, None]).view(
+            out, inputs)
+    return weight
+
+
 class Fp8FrozenLinear(torch.autograd.Function):
     """y = x dequant(q)^T with a frozen FP8 weight; backward re-de-quantizes for dx.
 
     Saves q and its scales only (both persistent), so no high-precision weight outlives the
-    layer's forward or backward. The TP all-reduce of dx mirrors Megatron's
-    `LinearWithFrozenWeight` (megatron/core/tensor_parallel/layers.py, 0.16.1).
+    layer's forward or backward. Per-channel scales multiply the output (forward) and the
+    incoming gradient (backward) rather than a de-quantized weight, so the transient is q in
+    the compute dtype alone. The TP all-reduce of dx mirrors Megatron's `LinearWithFrozenWeight`
+    (megatron/core/tensor_parallel/layers.py, 0.16.1, L325-357).
     """
 
     @staticmethod
@@ -102,12 +115,15 @@ class Fp8FrozenLinear(torch.autograd.Function):
                 allreduce_dgrad: bool, tp_group: Any) -> torch.Tensor:
         ctx.save_for_backward(q, scale)
         ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
-        return torch.matmul(input_, dequantize(q, scale, input_.dtype).t())
+        output = torch.matmul(input_, _gemm_weight(q, scale, input_.dtype).t())
+        return output * scale.to(output.dtype) if scale.dim() == 1 else output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         q, scale = ctx.saved_tensors
-        grad_input = grad_output.matmul(dequantize(q, scale, grad_output.dtype))
+        if scale.dim() == 1:
+            grad_output = grad_output * scale.to(grad_output.dtype)
+        grad_input = grad_output.matmul(_gemm_weight(q, scale, grad_output.dtype))
         if ctx.allreduce_dgrad:
             grad_input = collectives.all_reduce(grad_input, group=ctx.tp_group)
         return grad_input, None, None, None, None
@@ -134,6 +150,10 @@ class Fp8StoredLinear(torch.nn.Module):
                       allreduce_dgrad: bool = False, sequence_parallel: bool = False,
                       tp_group: Any = None, **unused: Any) -> torch.Tensor:
         """Megatron's `linear_with_frozen_weight` (same communication), with an FP8 weight."""
+        if weight.dtype != FP8_FORMAT:  # e.g. module.bfloat16() cast the codes, not the values
+            raise RuntimeError(f"{type(self).__name__}: the FP8-stored weight was cast to "
+                               f"{weight.dtype}; FP8-stored modules must not be cast (restore "
+                               "them with fp8_storage.restore first)")
         tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         if sequence_parallel:
             input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
