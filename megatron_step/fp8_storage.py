@@ -136,9 +136,11 @@ class Fp8FrozenLinear(torch.autograd.Function):
 class Fp8StoredLinear(torch.nn.Module):
     """Mixin placed before a Megatron parallel linear's class: FP8 weight, host master.
 
-    Never instantiated directly: `store_layer` swaps a module's class for
-    `_stored_class(type(module))`, turns `weight` into a float8 parameter and adds the buffer
-    `fp8_scale` and the host tensor `fp8_master`. Parameter names and checkpoint keys stay.
+    Never instantiated directly: `store` swaps a module's class for `_stored_class(type(module))`
+    and adds the host tensor `fp8_master`; on the local spec it also turns `weight` into a
+    float8 parameter with the buffer `fp8_scale` (a TE linear holds a TE Float8Tensor instead and
+    never calls `_forward_impl`). Checkpoints save and load the master on both. Parameter names
+    and checkpoint keys stay.
     """
 
     fp8_master: torch.Tensor
@@ -221,8 +223,10 @@ def _quantize_into(module: torch.nn.Module) -> None:
     """module.weight <- FP8 of the master (TE: TE's Float8Tensor), in place."""
     device = module.weight.device
     weight = module.fp8_master.to(device, non_blocking=True)
-    if te.te_linear_kind(module) is not None:
-        te.requantize_frozen_weight(module, weight)
+    if te.te_linear_kind(module) is not None:  # one scale per tensor, the same on every TP rank
+        amax = weight.detach().abs().amax().float().reshape(1)
+        te.requantize_frozen_weight(module, weight, collectives.all_reduce(
+            amax, "max", group=_tp_group_of(module)))
         return
     amax = block_amax(weight, module.fp8_block_size)
     if module.fp8_block_size == 0 and _row_parallel(module):  # a row is split over TP ranks
@@ -246,16 +250,14 @@ def store(module: torch.nn.Module, block_size: int) -> None:
         raise ValueError(f"precision.fp8_frozen_block_size: {block_size} does not divide the "
                          f"per-shard input dimension {in_local} of {type(module).__name__}")
     master = module.weight.detach()
-    if te.te_linear_kind(module) is None:
-        module.__class__ = _stored_class(type(module))
-        module.fp8_block_size = block_size
+    module.__class__ = _stored_class(type(module))  # checkpoints save and load the master
+    module.fp8_block_size = block_size
+    if te.te_linear_kind(module) is None:  # TE modules get TE's Float8Tensor instead
         old = module.weight
         module.weight = torch.nn.Parameter(torch.empty(old.shape, dtype=FP8_FORMAT,
                                                        device=old.device), requires_grad=False)
         module.weight.__dict__.update(old.__dict__)  # Megatron's TP attributes
         module.register_buffer("fp8_scale", torch.empty(0, device=old.device), persistent=False)
-    else:
-        module.fp8_block_size = 0
     set_master(module, master)
 
 
@@ -283,7 +285,7 @@ def restore(chunks: Iterable[torch.nn.Module]) -> None:
             module.weight = torch.nn.Parameter(weight, requires_grad=False)
             module.weight.__dict__.update(old.__dict__)
             del module.fp8_scale
-            module.__class__ = module.fp8_base_class
+        module.__class__ = module.fp8_base_class
         del module.fp8_master, module.fp8_block_size
 
 

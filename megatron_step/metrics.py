@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_step import collectives, fp8_storage
+from megatron_step import collectives, fp8_storage, te
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.log import logger
 from megatron_step.optim import leaf_optimizers
@@ -35,7 +35,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return te.stored_nbytes(tensor)
 
 
 def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict[str, int]:

@@ -156,19 +156,20 @@ def split_norm_output(result: tuple) -> tuple[torch.Tensor, torch.Tensor | None,
 
 
 @torch.no_grad()
-def requantize_frozen_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+def requantize_frozen_weight(module: torch.nn.Module, weight: torch.Tensor,
+                             amax: torch.Tensor) -> None:
     """Make a TE linear's frozen weight a TE Float8Tensor (E4M3) of `weight` (its master).
 
     TE consumes such a weight directly in FP8 GEMMs under FP8 autocast and de-quantizes it per
     forward otherwise (TE 2.x `_get_weight_tensors`). The quantizer is TE's delayed-scaling one
-    with the scale set from the weight's own amax (`Float8Quantizer(scale, amax, fp8_dtype)` in
-    `transformer_engine/pytorch/tensor/float8_tensor.py`, present in TE 2.1-2.11), i.e. one
+    with the scale set from `amax`, the whole tensor's over TP (`Float8Quantizer(scale, amax,
+    fp8_dtype)` in `transformer_engine/pytorch/tensor/float8_tensor.py`, TE 2.1-2.11), i.e. one
     scale per tensor; row-wise and column-wise (Hopper: the transpose for the input gradient).
     """
     import transformer_engine_torch as tex
     from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
 
-    amax = weight.detach().abs().amax().float().clamp(min=1e-12).reshape(1)
+    amax = amax.to(weight.device).float().clamp(min=1e-12)
     quantizer = Float8Quantizer(scale=448.0 / amax, amax=amax, fp8_dtype=tex.DType.kFloat8E4M3,
                                 rowwise=True, columnwise=True)
     _replace_weight(module, quantizer(weight))
@@ -185,6 +186,20 @@ def _replace_weight(module: torch.nn.Module, value: torch.Tensor) -> None:
     module.weight = torch.nn.Parameter(value, requires_grad=False)
     module.weight.__dict__.update({k: v for k, v in old.__dict__.items()
                                    if not k.startswith("_")})  # Megatron's TP attributes
+
+
+def stored_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really occupies: a TE QuantizedTensor reports its nominal dtype (bf16) in
+    `element_size()`, but holds FP8 data, its transpose on Hopper, and scales."""
+    if not HAVE_TE:
+        return tensor.numel() * tensor.element_size()
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if not is_float8tensor(tensor):
+        return tensor.numel() * tensor.element_size()
+    parts = (getattr(tensor, name, None) for name in ("_data", "_transpose", "_scale_inv",
+                                                      "_rowwise_data", "_columnwise_data"))
+    return sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
 
 
 def check_mergeable(weight: torch.Tensor, name: str) -> None:

@@ -70,3 +70,41 @@ def test_grown_layers_keep_their_fp8_scaling_history(world1: None) -> None:
         scale, amax = _history(layer.self_attention.linear_qkv)
         want_scale, want_amax = old[sources[index].old[0]]
         assert torch.equal(scale, want_scale) and torch.equal(amax, want_amax), index
+
+
+def test_frozen_te_weights_are_stored_as_float8_tensors(world1: None) -> None:
+    """With fp8_frozen_storage on the TE spec, frozen linear weights become TE Float8Tensors
+    (consumed directly by FP8 GEMMs), their bf16 masters stay on the host, a training step runs
+    with adapters getting gradients, merges go into the masters and `restore` gives plain bf16
+    weights equal to them back."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    from megatron_step import fp8_storage
+    from megatron_step.config import LoraConfig
+    from megatron_step.lora import adapted_modules, freeze_and_adapt, lora_delta, merge_adapters
+
+    tiny = model_preset("tiny")
+    model_parallel_cuda_manual_seed(0)
+    gpt = build_model(tiny, 4, ParallelConfig(), FP8, pre_process=True, post_process=True)
+    freeze_and_adapt([gpt], {0, 1}, LoraConfig(rank=4, alpha=8.0), seed=1, fp8_block_size=0)
+    stored = fp8_storage.stored_modules([gpt])
+    assert len(stored) == 8
+    for module in stored:
+        assert is_float8tensor(module.weight) and not module.weight.requires_grad
+        assert module.fp8_master.dtype == torch.bfloat16 and module.fp8_master.device.type == "cpu"
+    batch = microbatches(random_tokens(tiny).cuda())[0]
+    loss = gpt(batch["tokens"], batch["position_ids"].cuda(), None, labels=batch["labels"])
+    loss.float().mean().backward()
+    grads = [p.grad for n, p in gpt.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        for module in adapted_modules([gpt]):
+            module.lora_b.weight.normal_(0, 0.05)
+    expected = {id(m): (m.fp8_master.float() + lora_delta(m).cpu()).bfloat16()
+                for m in adapted_modules([gpt])}
+    modules = {id(m): m for m in adapted_modules([gpt])}
+    merge_adapters([gpt])
+    fp8_storage.restore([gpt])
+    for key, module in modules.items():
+        assert not is_float8tensor(module.weight) and module.weight.dtype == torch.bfloat16
+        assert torch.equal(module.weight.cpu(), expected[key])
