@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from megatron_step.checkpoint import load_checkpoint, model_config_from_meta
 from megatron_step.config import LoraConfig, ParallelConfig, PrecisionConfig
-from megatron_step.corpus import DocumentFormat, read_documents
-from megatron_step.data import read_dataset_meta
+from megatron_step.data.corpus import DocumentFormat, read_documents
+from megatron_step.data.datasets import read_dataset_meta
+from megatron_step.data.tokenizer import Tokenizer
 from megatron_step.forward import Batch, evaluate
 from megatron_step.inspection import verify_checkpoint
 from megatron_step.lora import freeze_and_adapt
 from megatron_step.model import build_model
 from megatron_step.parallel import init_distributed
-from megatron_step.tokenizer import Tokenizer
 
 MICROBATCHES_PER_CALL = 8
 """Micro-batches per forward-only schedule call (one progress-bar tick)."""

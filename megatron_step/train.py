@@ -47,6 +47,7 @@ from megatron_step.checkpoint import (
     write_json_atomic,
 )
 from megatron_step.config import ConfigError, RunConfig, dump_config, load_config
+from megatron_step.data.tokenizer import TokenizerError, load_tokenizer
 from megatron_step.forward import evaluate, train_step
 from megatron_step.growth import default_provenance, provenance_from_meta
 from megatron_step.growth_online import grow_model
@@ -70,7 +71,6 @@ from megatron_step.parallel import (
     init_distributed,
     is_rank0,
 )
-from megatron_step.tokenizer import TokenizerError, load_tokenizer
 
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75

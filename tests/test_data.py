@@ -19,7 +19,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from megatron_step import data
 from megatron_step.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_step.corpus import (
+from megatron_step.data.corpus import (
     CorpusError,
     embedded_documents,
     read_documents,
@@ -27,10 +27,10 @@ from megatron_step.corpus import (
     texts,
     to_jsonl,
 )
+from megatron_step.data.tokenizer import TokenizerError, load_tokenizer, train_bpe
 from megatron_step.forward import train_step
 from megatron_step.model import build_model
 from megatron_step.optim import wrap_and_optimize
-from megatron_step.tokenizer import TokenizerError, load_tokenizer, train_bpe
 
 from builders import FP32
 from dist import run_world

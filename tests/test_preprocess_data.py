@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_step.corpus import read_documents
-from megatron_step.tokenizer import load_tokenizer
+from megatron_step.data.corpus import read_documents
+from megatron_step.data.tokenizer import load_tokenizer
 
 from tools import load_tool
 

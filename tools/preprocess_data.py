@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 from megatron_step.cli import Parser, positive_int, returns_exit_code
-from megatron_step.corpus import DOCUMENT_FORMATS, CorpusError, texts
-from megatron_step.tokenizer import load_tokenizer, train_bpe
+from megatron_step.data.corpus import DOCUMENT_FORMATS, CorpusError, texts
+from megatron_step.data.tokenizer import load_tokenizer, train_bpe
 
 
 def build_parser() -> Parser:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from megatron_step import collectives
 from megatron_step.checkpoint import write_json_atomic
-from megatron_step.corpus import (
+from megatron_step.data.corpus import (
     CorpusError,
     Document,
     DocumentEncoder,
@@ -60,8 +60,8 @@ from megatron_step.corpus import (
     texts,
     to_jsonl,
 )
+from megatron_step.data.tokenizer import Tokenizer, file_sha256
 from megatron_step.forward import Batch
-from megatron_step.tokenizer import Tokenizer, file_sha256
 
 META_SUFFIX = ".meta.json"
 META_FORMAT = "megatron_step.indexed_dataset"

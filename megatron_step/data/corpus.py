@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from megatron_step.tokenizer import Tokenizer
+from megatron_step.data.tokenizer import Tokenizer
 
 DocumentFormat = Literal["auto", "jsonl", "blocks", "lines", "wikitext"]
 DOCUMENT_FORMATS: tuple[str, ...] = ("auto", "jsonl", "blocks", "lines", "wikitext")
