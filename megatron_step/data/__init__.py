@@ -2,14 +2,14 @@
 
 Modules, in pipeline order:
 - `tokenizer`: the tokenizers a `data.tokenizer` spec names (byte, tokenizer.json, SentencePiece).
-- `corpus`: documents read from input files, sentence splitting, tokenization workers, the
-  embedded demo corpus.
-- `datasets`: indexed datasets written from documents; Megatron GPTDatasets read from them;
-  the per-step micro-batches.
+- `sources`: input files (text, JSONL, .gz/.zst, parquet, globs) read as documents in chunks.
+- `corpus`: sentence splitting, tokenization in worker processes, the embedded demo corpus.
+- `indexed`: Megatron indexed datasets (`.bin/.idx`, optionally sharded) written from inputs.
+- `datasets`: Megatron GPTDatasets read from them; the per-step micro-batches.
 
-The names below are re-exported lazily (PEP 562): `corpus` and `tokenizer` are what spawned
-tokenizer worker processes import, and they must not pay for importing megatron-core and torch
-(about 6 s per process), which `datasets` needs.
+The names below are re-exported lazily (PEP 562): `sources`, `corpus` and `tokenizer` are what
+spawned tokenizer worker processes import, and they must not pay for importing megatron-core and
+torch (about 6 s per process), which `indexed` and `datasets` need.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "datasets": ("BATCH_KEYS", "EMBEDDED", "DataError", "Stats", "build_datasets",
-                 "build_indexed_dataset", "dataset_files", "prepare_embedded_dataset",
-                 "read_dataset_meta", "sample_indices", "split_sequence_counts",
+    "sources": ("CorpusError", "expand_inputs", "read_documents", "texts"),
+    "indexed": ("Stats", "build_indexed_dataset", "dataset_files", "read_dataset_meta"),
+    "datasets": ("BATCH_KEYS", "EMBEDDED", "DataError", "build_datasets",
+                 "prepare_embedded_dataset", "sample_indices", "split_sequence_counts",
                  "step_microbatches", "valid_microbatches"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

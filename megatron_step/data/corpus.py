@@ -1,18 +1,9 @@
-"""Text corpora: documents read from files, sentence splitting, tokenization, the embedded corpus.
+"""Text corpora: sentence splitting, tokenization in worker processes, the embedded corpus.
 
-A *document* is the unit that ends with an end-of-document token (EOD) in the indexed dataset:
-- JSONL (files named `*.jsonl` or `*.json` whatever the format, every file with format
-  "jsonl"): one document per line, the string under `json_key` ("text" by default); blank lines
-  are ignored, records with whitespace-only text are skipped (and counted).
-- plain text, format "blocks" (what "auto" means for them): documents are separated by blank
-  (whitespace-only) lines.
-- plain text, format "lines": every non-blank line is a document.
-- plain text, format "wikitext": one document per WikiText article; an article starts at a
-  top-level heading line ` = Title = ` and runs to the next one, section headings (` = = ... = = `)
-  and blank lines included. Use it for WikiText-2/103, whose paragraphs are single lines and
-  whose blank lines only surround headings ("blocks" would cut articles into sections).
-Plain-text documents are exact slices of the file (newlines kept), so the concatenated documents
-are the file minus separator lines. Files are read as UTF-8; errors name the file and line.
+Documents come from `sources` (file formats, chunks). Tokenization (`encode_chunks`) turns each
+chunk into its documents' token ids and sequence lengths, in tokenizer processes when `workers`
+> 1; results come back in input order whatever the number of workers, and at most 2 x workers
+chunks are in flight, so memory stays bounded however large the input.
 
 Sentence splitting (optional) uses nltk's Punkt: the installed `punkt_tab/english` model when
 nltk finds it, otherwise a Punkt model trained on the first PUNKT_TRAIN_CHARS characters of the
@@ -30,141 +21,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import re
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from megatron_step.data.sources import Chunk, CorpusError, chunk_texts
 from megatron_step.data.tokenizer import Tokenizer
 
-DocumentFormat = Literal["auto", "jsonl", "blocks", "lines", "wikitext"]
-DOCUMENT_FORMATS: tuple[str, ...] = ("auto", "jsonl", "blocks", "lines", "wikitext")
-JSONL_SUFFIXES = (".jsonl", ".json")
 PUNKT_TRAIN_CHARS = 1_000_000
 """Characters of the corpus Punkt trains on when no installed model exists (~4 s on 2 cores)."""
-_WIKITEXT_TITLE = re.compile(r" = [^=].* = ")
-
-
-class CorpusError(ValueError):
-    """An input file is unreadable, empty or malformed (the message names file and line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    """One document's text and the input bytes consumed since the previous document."""
-
-    text: str
-    nbytes: int
-
-
-def resolve_format(path: Path, document_format: DocumentFormat) -> str:
-    """The concrete format of `path`: *.jsonl/*.json files (and every file, for "jsonl") are
-    JSONL; the other files use the given plain-text format, "auto" meaning "blocks"."""
-    if document_format not in DOCUMENT_FORMATS:
-        raise ValueError(f"document_format: must be one of {', '.join(DOCUMENT_FORMATS)}, "
-                         f"got {document_format!r}")
-    if document_format == "jsonl" or path.suffix.lower() in JSONL_SUFFIXES:
-        return "jsonl"
-    return "blocks" if document_format == "auto" else document_format
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
-    """(line number, decoded line, raw byte length) of a UTF-8 file."""
-    try:
-        stream = path.open("rb")
-    except OSError as exc:
-        raise CorpusError(f"{path}: cannot read ({exc.strerror})") from None
-    with stream:
-        for lineno, raw in enumerate(stream, 1):
-            try:
-                yield lineno, raw.decode("utf-8"), len(raw)
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte "
-                                  f"{exc.start} of the line)") from None
-
-
-def _jsonl(path: Path, json_key: str) -> Iterator[Document]:
-    for lineno, line, nbytes in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
-                              ) from None
-        if not isinstance(record, dict):
-            raise CorpusError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if json_key not in record:
-            raise CorpusError(f"{where}: no {json_key!r} key (keys: {', '.join(record)})")
-        text = record[json_key]
-        if not isinstance(text, str):
-            raise CorpusError(f"{where}: {json_key!r} must be a string, got "
-                              f"{type(text).__name__}")
-        yield Document(text, nbytes)
-
-
-def _plain(path: Path, text_format: str) -> Iterator[Document]:
-    """Blank-line blocks, single lines or WikiText articles as exact slices of the file."""
-    parts: list[str] = []
-    consumed = 0
-    for _, line, nbytes in _lines(path):
-        blank = not line.strip()
-        starts_new = (blank if text_format in ("blocks", "lines")
-                      else bool(_WIKITEXT_TITLE.fullmatch(line.rstrip("\r\n"))))
-        if starts_new:
-            if "".join(parts).strip():
-                yield Document("".join(parts), consumed)
-                consumed = 0
-            parts = []
-        consumed += nbytes
-        if text_format == "wikitext" or not blank:
-            parts.append(line)
-        if text_format == "lines" and not blank:
-            yield Document("".join(parts), consumed)
-            parts, consumed = [], 0
-    if "".join(parts).strip():
-        yield Document("".join(parts), consumed)
-
-
-def read_documents(path: Path, *, document_format: DocumentFormat = "auto",
-                   json_key: str = "text") -> Iterator[Document]:
-    """Yield the documents of one input file (see the module docstring for the formats).
-
-    Args:
-        path: a plain-text or JSONL file.
-        document_format: "auto", "jsonl", "blocks", "lines" or "wikitext" (plain-text
-            files only; *.jsonl/*.json files are always JSONL).
-        json_key: the JSONL field holding the text.
-
-    Yields:
-        Documents in file order (JSONL records with empty text included, for counting).
-
-    Raises:
-        CorpusError: unreadable file, not UTF-8, bad JSON line, missing key, or no document.
-    """
-    path = Path(path)
-    fmt = resolve_format(path, document_format)
-    documents = _jsonl(path, json_key) if fmt == "jsonl" else _plain(path, fmt)
-    found = False
-    for document in documents:
-        found = found or bool(document.text.strip())
-        yield document
-    if not found:
-        raise CorpusError(f"{path}: no documents (the file is empty or whitespace only)")
-
-
-def texts(paths: Iterable[Path], *, document_format: DocumentFormat = "auto",
-          json_key: str = "text") -> Iterator[str]:
-    """The non-blank document texts of several files, in order (e.g. to train a tokenizer)."""
-    for path in paths:
-        for document in read_documents(path, document_format=document_format,
-                                       json_key=json_key):
-            if document.text.strip():
-                yield document.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +92,64 @@ class DocumentEncoder:
         self.tokenizer, self.splitter = tokenizer, splitter
         self.append_eod, self.dtype = append_eod, dtype
 
-    def __call__(self, text: str) -> tuple[np.ndarray, list[int]]:
+    def __call__(self, text: str) -> tuple[list[int], list[int]]:
         pieces = self.splitter.split(text) if self.splitter is not None else [text]
         sequences = [ids for ids in map(self.tokenizer.encode, pieces) if ids]
+        if not sequences:  # e.g. only characters the tokenizer normalises away
+            return [], []
         if self.append_eod:
             sequences[-1] = [*sequences[-1], self.tokenizer.eod]
-        ids = np.concatenate([np.asarray(seq, dtype=self.dtype) for seq in sequences])
-        return ids, [len(seq) for seq in sequences]
+        return [i for seq in sequences for i in seq], [len(seq) for seq in sequences]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """The tokenized documents of one chunk, ready for IndexedDatasetBuilder.add_document."""
+
+    index: int
+    """The input file's position (`Chunk.index`)."""
+    ids: np.ndarray
+    """Token ids of all documents, concatenated in order."""
+    sequence_lengths: np.ndarray
+    """Tokens per sequence, in order."""
+    document_sequences: np.ndarray
+    """Sequences per document, in order."""
+    skipped: int
+    """Documents whose text was whitespace only or encoded to no token (not written)."""
+    text_bytes: int
+    """UTF-8 bytes of the written documents' text."""
+    input_bytes: int
+
+    def documents(self) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """(ids, sequence lengths) per document."""
+        token, sequence = 0, 0
+        for count in self.document_sequences.tolist():
+            lengths = self.sequence_lengths[sequence:sequence + count].tolist()
+            yield self.ids[token:token + sum(lengths)], lengths
+            token, sequence = token + sum(lengths), sequence + count
+
+
+def encode_chunk(chunk: Chunk, encoder: DocumentEncoder) -> EncodedChunk:
+    """Parse (JSONL) and tokenize the documents of one chunk, skipping whitespace-only ones."""
+    ids: list[int] = []
+    lengths: list[int] = []
+    counts: list[int] = []
+    skipped = text_bytes = 0
+    for text in chunk_texts(chunk):
+        if not text.strip():
+            skipped += 1
+            continue
+        doc_ids, doc_lengths = encoder(text)
+        if not doc_lengths:
+            skipped += 1
+            continue
+        ids.extend(doc_ids)
+        lengths.extend(doc_lengths)
+        counts.append(len(doc_lengths))
+        text_bytes += len(text.encode("utf-8"))
+    return EncodedChunk(chunk.index, np.asarray(ids, dtype=encoder.dtype),
+                        np.asarray(lengths, dtype=np.int64), np.asarray(counts, dtype=np.int64),
+                        skipped, text_bytes, chunk.input_bytes)
 
 
 _worker_encoder: DocumentEncoder | None = None
@@ -242,24 +160,32 @@ def _start_worker(encoder: DocumentEncoder) -> None:
     _worker_encoder = encoder
 
 
-def _encode_in_worker(document: Document) -> tuple[int, np.ndarray, list[int]]:
-    return document.nbytes, *_worker_encoder(document.text)
+def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
+    return encode_chunk(chunk, _worker_encoder)
 
 
-def encode_documents(documents: Iterable[Document], encoder: DocumentEncoder, workers: int = 1
-                     ) -> Iterator[tuple[int, np.ndarray, list[int]]]:
-    """(input bytes, token ids, sequence lengths) per document, always in input order.
+def encode_chunks(chunks: Iterable[Chunk], encoder: DocumentEncoder, workers: int = 1
+                  ) -> Iterator[EncodedChunk]:
+    """Encoded chunks, always in input order.
 
-    With `workers` > 1 the documents are tokenized in that many spawned processes (spawn: safe
-    after torch is imported, and the same on every OS); output order does not depend on it.
+    With `workers` > 1 the chunks are tokenized in that many spawned processes (spawn: safe
+    after torch is imported, and the same on every OS); at most 2 x workers chunks are queued
+    or in flight (multiprocessing's imap would read the whole input ahead into memory). An
+    error in a worker (e.g. a malformed JSONL line) is raised here, and the pool is stopped.
     """
     if workers <= 1:
-        for document in documents:
-            yield document.nbytes, *encoder(document.text)
+        for chunk in chunks:
+            yield encode_chunk(chunk, encoder)
         return
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
-        yield from pool.imap(_encode_in_worker, documents, chunksize=64)
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 # ---------------------------------------------------------------------------------------------

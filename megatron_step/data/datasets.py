@@ -1,12 +1,6 @@
-"""Training data on Megatron's datasets: indexed datasets from text, GPTDataset splits, batches.
+"""Training data on Megatron's datasets: GPTDataset splits of indexed datasets, batches.
 
-Pipeline:
-1. `build_indexed_dataset`: text/JSONL files (read, optionally sentence-split and tokenized by
-   `corpus`) -> `<prefix>.bin` + `<prefix>.idx` written by megatron.core's IndexedDatasetBuilder
-   (token dtype uint16 below 65500 ids, else int32: Megatron's DType.optimal_dtype), one sequence
-   per document (or per sentence), EOD closing each document; plus `<prefix>.meta.json` (tokenizer
-   identity, inputs with sha256, counts). Written under temporary names; the `.idx` is renamed in
-   last, so a prefix whose `.idx` exists is complete.
+Pipeline (step 1, writing indexed datasets from input files, is `indexed`):
 2. `build_datasets`: Megatron's BlendedMegatronDatasetBuilder + GPTDataset: train/valid/test are
    contiguous ranges of sequences (`split` weights); each split's documents are shuffled and
    concatenated into windows of seq_length + 1 tokens, all from `seed`. Rank 0 builds the index
@@ -24,17 +18,12 @@ The embedded demo corpus (`corpus.embedded_documents`) becomes a dataset through
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -43,28 +32,14 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
-from tqdm import tqdm
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_step import collectives
-from megatron_step.checkpoint import write_json_atomic
-from megatron_step.data.corpus import (
-    CorpusError,
-    Document,
-    DocumentEncoder,
-    DocumentFormat,
-    embedded_documents,
-    encode_documents,
-    read_documents,
-    sentence_splitter,
-    texts,
-    to_jsonl,
-)
+from megatron_step.data.corpus import embedded_documents, to_jsonl
+from megatron_step.data.indexed import build_indexed_dataset, read_dataset_meta
 from megatron_step.data.tokenizer import Tokenizer, file_sha256
 from megatron_step.forward import Batch
 
-META_SUFFIX = ".meta.json"
-META_FORMAT = "megatron_step.indexed_dataset"
 EMBEDDED = "embedded"
 """The `data.path` value that selects the embedded demo corpus."""
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -72,166 +47,6 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 class DataError(ValueError):
     """A dataset is missing, inconsistent with the tokenizer, or too small for the request."""
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """What `build_indexed_dataset` wrote and how fast."""
-
-    files: int
-    documents: int
-    skipped_documents: int
-    """JSONL records whose text was empty or whitespace only."""
-    sequences: int
-    tokens: int
-    input_bytes: int
-    seconds: float
-    sentence_splitter: str | None
-
-    @property
-    def documents_per_second(self) -> float:
-        return self.documents / max(self.seconds, 1e-9)
-
-    @property
-    def megabytes_per_second(self) -> float:
-        return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
-
-    def summary(self) -> str:
-        """One line: counts and throughput."""
-        skipped = f" ({self.skipped_documents} empty skipped)" if self.skipped_documents else ""
-        return (f"{self.documents} documents{skipped}, {self.sequences} sequences, "
-                f"{self.tokens} tokens from {self.input_bytes / 1e6:.2f} MB in {self.files} "
-                f"file(s) in {self.seconds:.1f} s: {self.documents_per_second:.0f} docs/s, "
-                f"{self.megabytes_per_second:.2f} MB/s")
-
-
-def dataset_files(prefix: str | Path) -> tuple[Path, Path, Path]:
-    """The `.bin`, `.idx` and `.meta.json` paths of a dataset prefix."""
-    prefix = str(prefix)
-    return Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + META_SUFFIX)
-
-
-def read_dataset_meta(prefix: str | Path) -> dict[str, Any] | None:
-    """The metadata written with a dataset, or None (e.g. made by Megatron-LM's own tool)."""
-    meta = dataset_files(prefix)[2]
-    return json.loads(meta.read_text()) if meta.is_file() else None
-
-
-def _check_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
-    """Fail before any work: every input is a readable file and none is an output."""
-    if not inputs:
-        raise CorpusError("no input files given")
-    targets = {path.resolve() for path in outputs}
-    for path in inputs:
-        if not path.exists():
-            raise CorpusError(f"{path}: no such file")
-        if not path.is_file():
-            raise CorpusError(f"{path}: not a regular file")
-        if not os.access(path, os.R_OK):
-            raise CorpusError(f"{path}: cannot read (permission denied)")
-        if path.resolve() in targets:
-            raise CorpusError(f"{path}: is also an output of this dataset prefix")
-
-
-def _metadata(tokenizer: Tokenizer, inputs: Sequence[Path], stats: Stats,
-              settings: dict[str, Any]) -> dict[str, Any]:
-    """`<prefix>.meta.json`: what made the dataset, so users of it can check (see module doc)."""
-    return {"format": META_FORMAT, "version": 1,
-            "tokenizer": dict(tokenizer.unique_identifiers),
-            "tokenizer_description": tokenizer.describe(),
-            "inputs": [{"path": str(path), "bytes": path.stat().st_size,
-                        "sha256": file_sha256(path)} for path in inputs],
-            **settings, "stats": dataclasses.asdict(stats)}
-
-
-def build_indexed_dataset(inputs: Sequence[str | Path], output_prefix: str | Path,
-                          tokenizer: Tokenizer, *, json_key: str = "text",
-                          document_format: DocumentFormat = "auto",
-                          split_sentences: bool = False, append_eod: bool = True,
-                          workers: int = 1, progress: bool = True,
-                          overwrite: bool = False) -> Stats:
-    """Tokenize text/JSONL files into a Megatron indexed dataset `<output_prefix>.bin/.idx`.
-
-    Args:
-        inputs: plain-text or JSONL files, read in order (formats: `corpus` module docstring).
-        output_prefix: path prefix of the dataset (parent directories are created).
-        tokenizer: the tokenizer; its identity is recorded in `<prefix>.meta.json`.
-        json_key: the JSONL field with the text.
-        document_format: format of the plain-text inputs, "auto" (= "blocks"), "blocks",
-            "lines" or "wikitext"; or "jsonl" for all inputs (*.jsonl/*.json always are).
-        split_sentences: one sequence per sentence (nltk Punkt) instead of per document.
-        append_eod: close every document with the tokenizer's EOD id.
-        workers: tokenizer processes (the output does not depend on it).
-        progress: show a progress bar (stderr).
-        overwrite: replace an existing dataset at `output_prefix`.
-
-    Returns:
-        Counts and throughput.
-
-    Raises:
-        CorpusError: an input is missing, unreadable, empty or malformed (names file:line).
-        FileExistsError: the dataset exists and `overwrite` is false.
-    """
-    start = time.perf_counter()
-    inputs = [Path(path) for path in inputs]
-    bin_path, idx_path, meta_path = dataset_files(output_prefix)
-    existing = [str(path) for path in (bin_path, idx_path, meta_path) if path.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exist(s); pass overwrite to replace")
-    _check_inputs(inputs, (bin_path, idx_path, meta_path))
-    splitter = None
-    if split_sentences:
-        splitter = sentence_splitter(texts(inputs, document_format=document_format,
-                                           json_key=json_key))
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    encoder = DocumentEncoder(tokenizer, splitter, append_eod, dtype)
-    counts = {"documents": 0, "skipped": 0, "sequences": 0, "tokens": 0}
-
-    def nonblank() -> Iterator[Document]:
-        for path in inputs:
-            for document in read_documents(path, document_format=document_format,
-                                           json_key=json_key):
-                if document.text.strip():
-                    yield document
-                else:
-                    counts["skipped"] += 1
-
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = (path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                        for path in (bin_path, idx_path))
-    total_bytes = sum(path.stat().st_size for path in inputs)
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-    try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for nbytes, ids, lengths in encode_documents(nonblank(), encoder, workers):
-                builder.add_document(ids, lengths)
-                counts["documents"] += 1
-                counts["sequences"] += len(lengths)
-                counts["tokens"] += len(ids)
-                rate = counts["documents"] / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{counts['documents']} docs, {rate:.0f} docs/s",
-                                    refresh=False)
-                bar.update(nbytes)
-            bar.update(total_bytes - bar.n)
-        builder.finalize(str(tmp_idx))
-        stats = Stats(files=len(inputs), documents=counts["documents"],
-                      skipped_documents=counts["skipped"], sequences=counts["sequences"],
-                      tokens=counts["tokens"], input_bytes=total_bytes,
-                      seconds=time.perf_counter() - start,
-                      sentence_splitter=splitter.source if splitter else None)
-        settings = {"document_format": document_format, "json_key": json_key,
-                    "append_eod": append_eod, "dtype": np.dtype(dtype).name}
-        # the .idx goes last: a prefix with an .idx is complete (old .idx removed first)
-        idx_path.unlink(missing_ok=True)
-        write_json_atomic(meta_path, _metadata(tokenizer, inputs, stats, settings))
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        builder.data_file.close()
-        tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
-    return stats
 
 
 def _build_embedded(directory: Path, prefix: Path, tokenizer: Tokenizer, progress: bool) -> None:
