@@ -5,7 +5,9 @@ Modules, in pipeline order:
 - `sources`: input files (text, JSONL, .gz/.zst, parquet, globs) read as documents in chunks.
 - `corpus`: sentence splitting, tokenization in worker processes, the embedded demo corpus.
 - `indexed`: Megatron indexed datasets (`.bin/.idx`, optionally sharded) written from inputs.
-- `datasets`: Megatron GPTDatasets read from them; the per-step micro-batches.
+- `datasets`: Megatron GPTDatasets (blended by weight) read from them, with clear errors.
+- `accounting`: tokens and epochs each stage draws from each dataset.
+- `batches`: the per-step micro-batches, and the DataLoader that prepares them ahead.
 
 The names below are re-exported lazily (PEP 562): `sources`, `corpus` and `tokenizer` are what
 spawned tokenizer worker processes import, and they must not pay for importing megatron-core and
@@ -20,9 +22,11 @@ from typing import Any
 _EXPORTS = {
     "sources": ("CorpusError", "expand_inputs", "read_documents", "texts"),
     "indexed": ("Stats", "build_indexed_dataset", "dataset_files", "read_dataset_meta"),
-    "datasets": ("BATCH_KEYS", "EMBEDDED", "DataError", "build_datasets",
-                 "prepare_embedded_dataset", "sample_indices", "split_sequence_counts",
-                 "step_microbatches", "valid_microbatches"),
+    "datasets": ("EMBEDDED", "Blend", "DataError", "build_datasets", "check_blend",
+                 "prepare_embedded_dataset", "resolve_blend", "split_bounds"),
+    "batches": ("BATCH_KEYS", "StepLoader", "sample_indices", "step_microbatches",
+                "valid_microbatches"),
+    "accounting": ("describe", "token_accounting"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
