@@ -413,11 +413,30 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class WandbConfig:
+    """Weights & Biases run (rank 0): wandb.init's project, entity, name and mode."""
+
+    project: str
+    entity: str | None = None
+    """Team or user; None: the logged-in user's default entity."""
+    name: str | None = None
+    """Run name; None: the name of out_dir."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline: log under <out_dir>/wandb only (no network; `wandb sync` uploads it later)."""
+
+    def validate(self, path: str) -> None:
+        _check(_path(path, "project"), bool(self.project), "must be a non-empty string")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LoggingConfig:
     """Rank-0 logging outputs."""
 
     tensorboard: bool = True
     """Write TensorBoard scalars when the `tensorboard` package is installed."""
+    wandb: WandbConfig | None = None
+    """Also log to Weights & Biases (needs the `wandb` package): the same scalars as
+    TensorBoard, plus stage boundaries and the planner's predicted memory."""
     plots: bool = True
     progress_bar: bool = True
 

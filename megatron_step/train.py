@@ -231,6 +231,7 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
                 len(provenance), len(frozen), stage.lora.rank if frozen else 0,
                 len(provenance) - len(frozen), start, steps, f"{report.model.trainable:,}",
                 f"{report.model.frozen:,}", f"{report.model.adapter:,}")
+    run.metrics.stage_start(index, run.global_step, *_stage_prediction(run, index))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train = config.train
@@ -430,7 +431,9 @@ def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str,
     run = Run(config=config, layout=layout, out_dir=out_dir, train_data=train_data,
               valid_data=valid_data, data_accounting=accounting,
               metrics=MetricsLog(out_dir, tensorboard=config.logging.tensorboard,
-                                 resume_step=start["global_step"] if start else 0),
+                                 resume_step=start["global_step"] if start else 0,
+                                 wandb=config.logging.wandb,
+                                 run_config=json.loads(json.dumps(dataclasses.asdict(config)))),
               stop=StopFlag())
     if is_rank0():
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
