@@ -141,7 +141,7 @@ def prepare_data(work_dir: Path, source: Path, quick: bool, vocab_size: int) -> 
         common.BenchError: WikiText-2 is missing.
     """
     from megatron_step.data import build_indexed_dataset
-    from megatron_step.data.corpus import texts
+    from megatron_step.data.sources import texts
     from megatron_step.data.tokenizer import load_tokenizer, train_bpe
     from megatron_step.evaluation import indexed_prefix
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from megatron_step.checkpoint import load_checkpoint, model_config_from_meta
 from megatron_step.config import LoraConfig, ParallelConfig, PrecisionConfig
-from megatron_step.data.datasets import read_dataset_meta
+from megatron_step.data.indexed import read_dataset_meta
 from megatron_step.data.sources import DocumentFormat, read_documents
 from megatron_step.data.tokenizer import Tokenizer
 from megatron_step.forward import Batch, evaluate
