@@ -161,7 +161,9 @@ def memory_settings(precision: PrecisionConfig, lora: LoraConfig, micro_batch_si
                           grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
                           micro_batch_size=micro_batch_size,
                           attention_backend="flash" if te.HAVE_TE else "unfused",
-                          growth_position=GROWTH_POSITION)
+                          growth_position=GROWTH_POSITION,
+                          fp8_frozen_storage=precision.fp8_frozen_storage,
+                          fp8_frozen_block_size=precision.fp8_frozen_block_size)
 
 
 def plan_splits(model: ModelConfig, num_stages: int, settings: MemorySettings
@@ -195,7 +197,9 @@ def build_stage(model: ModelConfig, stage: Stage, precision: PrecisionConfig, lo
 
     gpt = build_model(model, stage.num_layers, ParallelConfig(), precision, pre_process=True,
                       post_process=True)
-    freeze_and_adapt([gpt], stage.frozen_layers, lora, seed=seed)
+    freeze_and_adapt([gpt], stage.frozen_layers, lora, seed=seed,
+                     fp8_block_size=precision.fp8_frozen_block_size
+                     if precision.fp8_frozen_storage else None)
     return wrap_and_optimize([gpt], ParallelConfig(), precision, OptimizerConfig(), lr)
 
 

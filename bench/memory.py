@@ -66,9 +66,8 @@ def measure_stage(spec: dict[str, Any]) -> dict[str, Any]:
             baseline = torch.cuda.memory_allocated()
         else:
             baseline = common.current_rss_bytes()
-        ddp, optimizer = common.build_stage(
-            model, stage, PrecisionConfig(params_dtype=spec["params_dtype"]),
-            LoraConfig(rank=spec["lora_rank"]))
+        ddp, optimizer = common.build_stage(model, stage, _precision(spec),
+                                            LoraConfig(rank=spec["lora_rank"]))
         step = common.random_microbatches(model, spec["micro_batch_size"], 1)
         result = train_step(ddp, optimizer, step)
         if result["skipped"]:
@@ -88,13 +87,24 @@ def measure_stage(spec: dict[str, Any]) -> dict[str, Any]:
 def _spec(model: ModelConfig, stage: Stage, args: Any, isolated: bool) -> dict[str, Any]:
     return {"model": dataclasses.asdict(model), "stage": [stage.num_old, stage.num_new],
             "params_dtype": args.params_dtype, "lora_rank": args.lora_rank,
+            "fp8_frozen_storage": args.fp8_frozen_storage,
+            "fp8_frozen_block_size": args.fp8_frozen_block_size,
             "micro_batch_size": args.micro_batch_size, "isolated": isolated}
 
 
+def _precision(spec: dict[str, Any]) -> PrecisionConfig:
+    return PrecisionConfig(params_dtype=spec["params_dtype"],
+                           fp8_frozen_storage=spec["fp8_frozen_storage"],
+                           fp8_frozen_block_size=spec["fp8_frozen_block_size"])
+
+
 def _stage_row(model: ModelConfig, stage: Stage, settings: dict[str, Any],
-               measured: dict[str, Any]) -> dict[str, Any]:
+               measured: dict[str, Any] | None) -> dict[str, Any]:
     full = stage_cost(model, stage.num_new, stage.num_old, settings["full"])
     paper = stage_cost(model, stage.num_new, stage.num_old, settings["paper"])
+    if measured is None:  # --planned-vanilla: too large to measure here; the planner's numbers
+        measured = {"model_state_bytes": full.memory.model_state_bytes, "peak_bytes": None,
+                    "baseline_bytes": 0, "planned": True}
     peak = measured["peak_bytes"]
     return {"num_old": stage.num_old, "num_new": stage.num_new, "num_layers": stage.num_layers,
             "frozen_layers": stage.frozen_layers,
@@ -125,7 +135,7 @@ def assemble(model_name: str, model: ModelConfig, args: Any, plans: dict[int, li
              command: str) -> dict[str, Any]:
     """The JSON result: per-plan stage rows, reductions vs vanilla, settings and command."""
     vanilla = _stage_row(model, Stage(0, model.num_layers), settings,
-                         measured[Stage(0, model.num_layers)])
+                         measured.get(Stage(0, model.num_layers)))
     result_plans = []
     for num_stages, stages in plans.items():
         rows = [_stage_row(model, stage, settings, measured[stage]) for stage in stages]
@@ -143,6 +153,8 @@ def assemble(model_name: str, model: ModelConfig, args: Any, plans: dict[int, li
     ratios = [row["model_state_ratio"] for plan in result_plans for row in plan["stages"]]
     return {"benchmark": "memory", "model_name": model_name, "model": dataclasses.asdict(model),
             "device": args.device, "params_dtype": args.params_dtype,
+            "fp8_frozen_storage": args.fp8_frozen_storage,
+            "fp8_frozen_block_size": args.fp8_frozen_block_size,
             "lora_rank": args.lora_rank, "micro_batch_size": args.micro_batch_size,
             "isolated": not args.no_isolate, "plan": args.plan, "command": command,
             "vanilla": vanilla,
@@ -154,10 +166,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     """Two tables: every stage (predicted vs measured), every plan (reductions vs vanilla)."""
     peak_name = ("CUDA max allocated increase" if result["device"] == "cuda"
                  else "peak RSS increase")
+    storage = ""
+    if result.get("fp8_frozen_storage"):
+        block = result["fp8_frozen_block_size"]
+        storage = (", frozen linears stored in FP8 (E4M3, one scale per "
+                   f"{'output channel' if not block else f'{block} input elements'})")
     title = (f"#### Memory: {result['model_name']} ({result['model']['num_layers']} layers, "
-             f"hidden {result['model']['hidden_size']}), {result['params_dtype']}, sequence "
-             f"{result['model']['seq_length']}, micro-batch {result['micro_batch_size']}, LoRA "
-             f"rank {result['lora_rank']}, measured on {result['device']}")
+             f"hidden {result['model']['hidden_size']}), {result['params_dtype']}{storage}, "
+             f"sequence {result['model']['seq_length']}, micro-batch "
+             f"{result['micro_batch_size']}, LoRA rank {result['lora_rank']}, measured on "
+             f"{result['device']}")
+    vanilla_note = ""
+    if result["vanilla"]["measured"].get("planned"):
+        vanilla_note = (" Vanilla (K=1) is too large to train on this machine: its row is the "
+                        "full model's prediction, which equals the measured model state to "
+                        "the byte wherever both exist (every stage above).")
     stage_rows = []
     for plan in result["plans"]:
         for index, row in enumerate(plan["stages"], start=1):
@@ -189,7 +212,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{result['plan']} memory model. Per stage, MiB. Model state = weights + "
             f"gradient buffers + fp32 master weights + Adam states (megatron_step.metrics); the "
             f"paper model counts transformer layers only.\n\n{stages}\n\nReduction of the "
-            f"largest stage vs vanilla (K=1). {PAPER_HEADLINE}\n\n{plans}\n\nLargest "
+            f"largest stage vs vanilla (K=1).{vanilla_note} {PAPER_HEADLINE}\n\n{plans}\n\n"
+            f"Largest "
             f"|measured / full-model prediction - 1| over all stages: "
             f"{100 * result['max_model_state_error']:.3f}%.\n")
 
@@ -235,6 +259,15 @@ def _parse(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--micro-batch-size", type=positive_int, default=1)
     parser.add_argument("--params-dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--lora-rank", type=positive_int, default=8)
+    parser.add_argument("--fp8-frozen-storage", action="store_true",
+                        help="store the frozen layers' linears in FP8 (precision."
+                        "fp8_frozen_storage); the planner predicts the same")
+    parser.add_argument("--fp8-frozen-block-size", type=int, default=0, metavar="N",
+                        help="FP8 storage: one scale per N input elements (default 0: per "
+                        "output channel)")
+    parser.add_argument("--planned-vanilla", action="store_true",
+                        help="do not train vanilla (K=1); compare against the planner's "
+                        "vanilla model state (for models too large for this machine)")
     parser.add_argument("--memory-limit", type=parse_size, default="20GiB",
                         help="address-space limit of each CPU measurement process "
                              "(default: 20GiB)")
@@ -245,7 +278,7 @@ def _parse(argv: Sequence[str] | None) -> Any:
                              "no peak)")
     args = parser.parse_args(argv)
     if args.name == "memory_MODEL":
-        args.name = f"memory_{args.model}"
+        args.name = f"memory_{args.model}{'_fp8' if args.fp8_frozen_storage else ''}"
     return parser, args
 
 
@@ -260,7 +293,7 @@ def run(argv: list[str]) -> int:
         common.check_device(args.device, in_process=args.no_isolate)
         overrides = {"seq_length": args.seq_length} if args.seq_length else {}
         model = model_preset(args.model, **overrides)
-        precision = PrecisionConfig(params_dtype=args.params_dtype)
+        precision = _precision(vars(args))
         lora = LoraConfig(rank=args.lora_rank)
         settings = {kind: common.memory_settings(precision, lora, args.micro_batch_size, kind)
                     for kind in ("full", "paper")}
@@ -271,8 +304,8 @@ def run(argv: list[str]) -> int:
                                     args.overwrite)
     except ValueError as exc:  # BenchError, ConfigError
         common.usage_error(parser, exc, "--model/--stages")
-    todo = list(dict.fromkeys([Stage(0, model.num_layers),
-                               *[s for stages in plans.values() for s in stages]]))
+    vanilla = [] if args.planned_vanilla else [Stage(0, model.num_layers)]
+    todo = list(dict.fromkeys([*vanilla, *[s for stages in plans.values() for s in stages]]))
     measured = {}
     for stage in tqdm(todo, desc="stages", unit="stage"):
         spec = _spec(model, stage, args, isolated=not args.no_isolate)
@@ -287,8 +320,9 @@ def run(argv: list[str]) -> int:
                    f"{common.mib(measured[stage]['peak_bytes'])} MiB")
     result = assemble(args.model, model, args, plans, measured, settings,
                       common.command_line("memory.py", argv))
+    readme_key = f"memory-{args.model}{'-fp8' if args.fp8_frozen_storage else ''}"
     common.write_results(paths, result, to_markdown(result), plot,
-                         f"memory-{args.model}" if args.update_readme else None)
+                         readme_key if args.update_readme else None)
     return 0
 
 

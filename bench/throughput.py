@@ -78,7 +78,8 @@ def _timed_step(entry: tuple[list[torch.nn.Module], Any], batches: list[dict]) -
 
 def measure(model: ModelConfig, stages: Sequence[Stage], args: Any) -> dict[Stage, dict]:
     """Alternating timed pairs (vanilla, stage) for every stage; raw times per side."""
-    precision = PrecisionConfig(params_dtype=args.params_dtype)
+    precision = PrecisionConfig(params_dtype=args.params_dtype,
+                                fp8_frozen_storage=args.fp8_frozen_storage)
     lora = LoraConfig(rank=args.lora_rank)
     vanilla = Stage(0, model.num_layers)
     common.start_world(model, model.num_layers)
@@ -128,6 +129,7 @@ def summarize(model: ModelConfig, plans: dict[int, list[Stage]],
     return {"benchmark": "throughput", "model_name": args.model,
             "model": dataclasses.asdict(model), "device": args.device,
             "params_dtype": args.params_dtype, "lora_rank": args.lora_rank,
+            "fp8_frozen_storage": args.fp8_frozen_storage,
             "micro_batch_size": args.micro_batch_size,
             "num_microbatches": args.num_microbatches, "tokens_per_step": tokens,
             "plan": args.plan,
@@ -144,8 +146,11 @@ def to_markdown(result: dict[str, Any]) -> str:
     table = common.markdown_table(
         ["stage", "layers old+new", "vanilla tokens/s", "stage tokens/s", "measured speed-up",
          "expected (GEMM FLOPs)", "timed pairs"], rows)
+    storage = (", frozen linears stored in FP8 (de-quantized per layer)"
+               if result.get("fp8_frozen_storage") else "")
     return (f"#### Throughput: {result['model_name']} ({model['num_layers']} layers, hidden "
-            f"{model['hidden_size']}), {result['params_dtype']}, {result['tokens_per_step']} "
+            f"{model['hidden_size']}), {result['params_dtype']}{storage}, "
+            f"{result['tokens_per_step']} "
             f"tokens per step (micro-batch {result['micro_batch_size']} x "
             f"{result['num_microbatches']} x sequence {model['seq_length']}), LoRA rank "
             f"{result['lora_rank']}, measured on {result['device']} "
@@ -192,6 +197,9 @@ def _parse(argv: Sequence[str]) -> tuple[Any, Any]:
     parser.add_argument("--params-dtype", choices=("bf16", "fp32"), default="fp32",
                         help="fp32 by default: CPUs run bf16 matmuls slowly")
     parser.add_argument("--lora-rank", type=positive_int, default=8)
+    parser.add_argument("--fp8-frozen-storage", action="store_true",
+                        help="frozen linears stored in FP8, de-quantized per layer (the cost of "
+                        "precision.fp8_frozen_storage)")
     parser.add_argument("--steps", type=positive_int, default=20, help="timed pairs per stage")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--quick", action="store_true",
@@ -215,7 +223,8 @@ def run(argv: list[str]) -> int:
         base = common.SMALL_LLAMA if args.model == SMALL else MODEL_PRESETS[args.model]
         model = dataclasses.replace(base, seq_length=args.seq_length or base.seq_length)
         model.validate("--model")
-        precision = PrecisionConfig(params_dtype=args.params_dtype)
+        precision = PrecisionConfig(params_dtype=args.params_dtype,
+                                fp8_frozen_storage=args.fp8_frozen_storage)
         settings = common.memory_settings(precision, LoraConfig(rank=args.lora_rank),
                                           args.micro_batch_size, args.plan)
         plans = {k: common.stages_from_splits(common.plan_splits(model, k, settings))

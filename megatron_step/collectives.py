@@ -103,6 +103,19 @@ def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None = None)
     return holder[0]
 
 
+def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's picklable `obj`, in group rank order.
+
+    torch pickles through the group's device type (under NCCL the *current* CUDA device, which
+    `parallel.init_distributed` sets per local rank); it takes no device argument.
+    """
+    if not _communicates(group):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank of `group`."""
     if not _communicates(group):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_step import fp8_support
 from megatron_step.layout import ParallelSizes, check_layout
 
 ROOT_NAME = ""
@@ -102,12 +103,16 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # Divisible by TP=2 and PP=2, GQA (2 query groups for 4 heads): the test-suite model.
     "tiny": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=128, vocab_size=256, seq_length=64),
-    # The ReLoRA/GaLore "350M" LLaMA, almost surely the paper's 368M (367.97M parameters).
+    # The ReLoRA/GaLore "350M" LLaMA, almost surely the paper's 368M (367.97M parameters). Kept
+    # exact for the paper; its FFN 2736 allows FP8 only at TP=1 (1368 per TP=2 shard is not a
+    # multiple of 16).
     "llama-368m": ModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16,
                               ffn_hidden_size=2736, vocab_size=32000, seq_length=1024),
-    # GaLore's "1B" LLaMA, a 1.2B-class stand-in for the paper's 1.2B (config unpublished).
+    # GaLore's "1B" LLaMA, a 1.2B-class stand-in for the paper's 1.2B (config unpublished),
+    # with its FFN 8/3 * 2048 = 5461 rounded up to a multiple of 256 as LLaMA and Megatron do:
+    # 5461 is odd, so no tensor parallelism and no FP8 GEMMs (dims must divide by 16 per shard).
     "llama-1.2b": ModelConfig(num_layers=24, hidden_size=2048, num_attention_heads=32,
-                              ffn_hidden_size=5461, vocab_size=32000, seq_length=1024),
+                              ffn_hidden_size=5632, vocab_size=32000, seq_length=1024),
     "llama2-7b": ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
                              ffn_hidden_size=11008, vocab_size=32000, seq_length=4096),
 }
@@ -142,28 +147,35 @@ class ParallelConfig:
             _check(_path(path, name), value >= 1, f"must be >= 1, got {value}")
 
 
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PrecisionConfig:
     """Numeric formats. FP8 needs Transformer Engine on Hopper GPUs (see `megatron_step.te`)."""
 
     params_dtype: Literal["fp32", "bf16"] = "bf16"
     fp8: Literal["e4m3", "hybrid"] | None = None
-    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_recipe: Fp8Recipe = "delayed"
     fp8_frozen_storage: bool = False
-    """Store frozen base weights in FP8 (1 byte/param) through TE. Reserved: refused until
-    implemented (needs a GPU with TE to build and test); the planner models it already."""
+    """Store the frozen layers' linear weights in FP8 (float8_e4m3fn, 1 byte per parameter +
+    fp32 scales) on the device, with or without FP8 compute; full precision stays on the host
+    and in checkpoints (see megatron_step/fp8_storage.py)."""
+    fp8_frozen_block_size: int = 0
+    """Scale granularity of FP8 storage on Megatron's local spec: 0 = one scale per output
+    channel (row of W), N = one per N consecutive input elements of a row (N must divide every
+    frozen linear's per-shard input dimension). The TE spec uses one scale per tensor."""
     grad_reduce_in_fp32: bool = True
     """With bf16 params, accumulate and all-reduce gradients in fp32 (4 B per trainable param),
     as Megatron-LM does for bf16; false keeps bf16 gradient buffers (2 B)."""
 
     def validate(self, path: str) -> None:
-        if self.fp8_frozen_storage:
-            _check(_path(path, "fp8_frozen_storage"), self.fp8 is not None,
-                   "needs precision.fp8 to be set ('e4m3' or 'hybrid')")
-            _fail(_path(path, "fp8_frozen_storage"),
-                  "not implemented yet: frozen weights stay in params_dtype (FP8 compute via "
-                  "precision.fp8 works); the planner can still estimate it "
-                  "(tools/plan_stages.py --fp8-frozen-storage)")
+        _check(_path(path, "fp8_frozen_block_size"), self.fp8_frozen_block_size >= 0,
+               f"must be >= 0 (0: one scale per output channel), got "
+               f"{self.fp8_frozen_block_size}")
+        if self.fp8_frozen_block_size and not self.fp8_frozen_storage:
+            _fail(_path(path, "fp8_frozen_block_size"), "has no effect without "
+                  "precision.fp8_frozen_storage: true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +498,13 @@ class RunConfig:
         mbs, gbs = self.train.micro_batch_size, self.train.global_batch_size
         _check("train.global_batch_size", gbs % mbs == 0,
                f"{gbs} is not a multiple of micro_batch_size ({mbs})")
+        try:
+            if self.precision.fp8 is not None:
+                fp8_support.check_shapes(self.model, self.precision.fp8_recipe,
+                                         tensor_model_parallel_size=tp, micro_batch_size=mbs)
+            fp8_support.check_storage_block(self.model, self.precision.fp8_frozen_block_size, tp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

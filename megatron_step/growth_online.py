@@ -140,6 +140,50 @@ def _global_shape(entry: Any) -> tuple[int, ...]:
     return tuple(leaf.global_shape)
 
 
+def _has_extra_state(module: torch.nn.Module) -> bool:
+    return type(module).get_extra_state is not torch.nn.Module.get_extra_state
+
+
+def _scaling_states(old: GPTModel) -> dict[int, dict[str, Any]]:
+    """TE FP8 scaling state (`_extra_state`) of every old layer, by global index, on all ranks.
+
+    Only modules that hold one (TE linears after an FP8 forward); Megatron's local linears
+    return None. The states are small pickled tensors, gathered over the pipeline group.
+    """
+    offset = layer_offset(old)
+    local = {}
+    for k, layer in enumerate(old.decoder.layers):
+        states = {name: module.get_extra_state() for name, module in layer.named_modules()
+                  if _has_extra_state(module)}
+        states = {name: state for name, state in states.items() if state is not None
+                  and not (isinstance(state, torch.Tensor) and state.numel() == 0)}
+        if states:
+            local[offset + k] = states
+    merged: dict[int, dict[str, Any]] = {}
+    for part in collectives.all_gather_object(
+            local, parallel_state.get_pipeline_model_parallel_group()):
+        merged.update(part)
+    return merged
+
+
+def _carry_scaling_states(new: GPTModel, sources: Sequence[LayerSource],
+                          states: Mapping[int, Mapping[str, Any]]) -> None:
+    """Give each grown layer the FP8 scaling history of the old layer it comes from.
+
+    Without it every layer of the grown model starts FP8 delayed scaling from scale 1 and an
+    empty amax history, like step 1 of a fresh run: small weights flush to zero and gradients
+    underflow in the first micro-batch after growth. A moved layer keeps its own history; a
+    copy or mean layer takes its (first) source's, the closest estimate of its ranges; a random
+    layer starts fresh.
+    """
+    offset = layer_offset(new)
+    for k, layer in enumerate(new.decoder.layers):
+        source = sources[offset + k]
+        state = states.get(source.old[0]) if source.old else None
+        for name, value in (state or {}).items():
+            layer.get_submodule(name).set_extra_state(value)
+
+
 @torch.no_grad()
 def grow_model(chunks: Sequence[GPTModel], provenance: Sequence[Mapping[str, Any]],
                model: ModelConfig, num_layers: int, growth: GrowthConfig,
@@ -170,6 +214,7 @@ def grow_model(chunks: Sequence[GPTModel], provenance: Sequence[Mapping[str, Any
     if len(chunks) != 1:
         raise ValueError(f"grow_model: one model chunk per rank expected, got {len(chunks)}")
     old = chunks[0]
+    scaling_states = _scaling_states(old)
     unmerged = [m.lora_state.name for m in adapted_modules(chunks) if not m.lora_state.merged]
     if unmerged:
         raise ValueError(f"grow_model: {len(unmerged)} LoRA adapters are not merged (e.g. "
@@ -182,8 +227,9 @@ def grow_model(chunks: Sequence[GPTModel], provenance: Sequence[Mapping[str, Any
         raise ValueError(f"grow_model: cannot shrink a {old_depth}-layer model to {num_layers}")
     sources = layer_map(old_depth, num_layers - old_depth, growth)
     new_provenance = grow_provenance(provenance, sources, stage)
+    # no initialisation: every parameter is written below (minutes saved at 7B)
     new = build_model(model, num_layers, parallel, precision, pre_process=old.pre_process,
-                      post_process=old.post_process)
+                      post_process=old.post_process, initialize=False)
 
     old_params = dict(old.named_parameters())
     for name, param in new.named_parameters():
@@ -205,4 +251,5 @@ def grow_model(chunks: Sequence[GPTModel], provenance: Sequence[Mapping[str, Any
             zero_output_(tensors)
         for name, param in layer.named_parameters():
             param.copy_(tensors[name])
+    _carry_scaling_states(new, sources, scaling_states)
     return [new], new_provenance

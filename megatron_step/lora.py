@@ -66,7 +66,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_step import collectives, te
+from megatron_step import collectives, fp8_storage, te
 from megatron_step.config import LoraConfig
 from megatron_step.seeds import derive_seed
 
@@ -139,17 +139,21 @@ class LoraLinear(torch.nn.Module):
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, bias = super().forward(input_, *args, **kwargs)
         if self.lora_state.merged:
-            return output, bias
+            return super().forward(input_, *args, **kwargs)
+        if te.fuses_norm(self):  # the branch sees norm(x), as the base GEMM does
+            with te.returning_norm_output(self):
+                output, bias, branch_input = te.split_norm_output(
+                    super().forward(input_, *args, **kwargs))
+        else:
+            (output, bias), branch_input = super().forward(input_, *args, **kwargs), input_
         with te.fp8_disabled():  # adapters compute in the params dtype, never in FP8
-            delta = self._lora_branch(input_)
+            delta = self._lora_branch(branch_input)
         return output + delta.to(output.dtype), bias
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """scale * B (A dropout(x)) for this rank's share of the output ([s, b, *])."""
         state = self.lora_state
-        x = te.lora_branch_input(self, x)  # TE LayerNormLinear: re-apply its fused norm
         group = _tp_group(self)
         if state.kind == "column":
             if state.dropout and self.training:  # x is replicated over TP: same mask everywhere
@@ -323,8 +327,8 @@ def _input_requires_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
 
 
 def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[int],
-                     lora: LoraConfig, *, seed: int, freeze_embeddings: bool = False
-                     ) -> AdapterReport:
+                     lora: LoraConfig, *, seed: int, freeze_embeddings: bool = False,
+                     fp8_block_size: int | None = None) -> AdapterReport:
     """Freeze the given layers, put LoRA adapters on their target linears, train the rest.
 
     Call it before `optim.wrap_and_optimize`: Megatron's DDP and optimizer only leave out
@@ -336,6 +340,8 @@ def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[
         lora: rank, alpha, dropout and target linears.
         seed: adapter init seed; A depends on (seed, layer, target) only.
         freeze_embeddings: also freeze the embedding, final norm and output layer.
+        fp8_block_size: store the frozen layers' linear weights in FP8 with this scale block
+            (0: per output channel; fp8_storage); None keeps them in the params dtype.
 
     Returns:
         Local and whole-model parameter counts. Collective over the model-parallel group.
@@ -358,6 +364,10 @@ def freeze_and_adapt(chunks: Sequence[torch.nn.Module], frozen_layers: Iterable[
             index = layer.layer_number - 1
             layer.requires_grad_(index not in frozen)
             if index in frozen:
+                if fp8_block_size is not None:  # before the adapters: Lora<Fp8<Linear>>
+                    for module in layer.modules():
+                        if linear_kind(module) is not None:
+                            fp8_storage.store(module, fp8_block_size)
                 _adapt_layer(layer, index, lora, seed)
         recompute = chunk.config.recompute_granularity == "full"
         if (freeze_embeddings and recompute and chunk.pre_process
@@ -399,8 +409,15 @@ def lora_delta(module: LoraLinear) -> torch.Tensor:
 
 @torch.no_grad()
 def _add_to_base(module: LoraLinear, delta: torch.Tensor) -> None:
-    """W <- W + delta, accumulated in fp32 and cast back to W's dtype."""
+    """W <- W + delta, accumulated in fp32 and cast back to W's dtype.
+
+    An FP8-stored base takes the delta into its full-precision host master, which is then
+    quantized again (fp8_storage.add_to_master): the delta is never rounded to FP8 and lost.
+    """
     name = module.lora_state.name
+    if fp8_storage.is_stored(module):
+        fp8_storage.add_to_master(module, delta)
+        return
     te.check_mergeable(module.weight, name)
     merged = module.weight.float() + delta
     if not torch.isfinite(merged).all():

@@ -27,9 +27,16 @@ row-parallel base: A split, B replicated). PP ranks hold contiguous layers as
 first rank, output layer and final norm on the last. Activations: `activation_bytes_per_layer`
 per layer and micro-batch; under 1F1B rank r keeps PP - r micro-batches in flight (assumes at
 least PP micro-batches per step); the last rank adds fp32 logits. Per-GPU peak = the heaviest
-rank's `model_state_bytes + max(activations, main_grads)`: the optimizer's fp32 grad copies exist
-only after backward freed the activations. Not modelled: DDP bucket padding, allocator
-fragmentation, CUDA context, communication buffers.
+rank's `model_state_bytes + weight_caches + max(activations, main_grads)`: the optimizer's fp32
+grad copies exist only after backward freed the activations.
+
+What the TE spec and FP8 compute add (each documented where it is computed, with its TE source):
+TE's FP8 weight caches, alive across steps (`fp8_weight_cache_bytes`: 2 bytes per linear
+parameter on Hopper, frozen ones included), and under FP8 one FP8 copy of the normalised input per
+adapted norm-fused linear of a frozen layer (`_activation_bytes`). Left out as negligible: fused
+attention's fp32 log-sum-exp (a s b per layer) and the norms' fp32 rsigma (s b), under 0.1% of a
+layer's activations at h >= 1024. Not modelled: DDP bucket padding, allocator fragmentation, CUDA
+context, communication buffers.
 """
 
 from __future__ import annotations
@@ -39,15 +46,19 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_step import fp8_support
 from megatron_step.config import (
     LORA_TARGETS,
     ConfigError,
+    Fp8Recipe,
+    GrowthConfig,
+    GrowthOperator,
     GrowthPosition,
     ModelConfig,
     RunConfig,
     StageConfig,
 )
-from megatron_step.growth import new_layer_indices
+from megatron_step.growth import layer_map
 from megatron_step.layout import ParallelSizes, check_layout, pipeline_offsets, pipeline_split
 
 MemoryModel = Literal["paper", "full"]
@@ -76,7 +87,10 @@ class MemorySettings:
     grad_reduce_in_fp32: bool = True
     """Megatron DDP's fp32 grad buffer for bf16 params (precision.grad_reduce_in_fp32)."""
     fp8_frozen_storage: bool = False
-    """Frozen linear weights stored in FP8 through Transformer Engine (1 byte each)."""
+    """Frozen linear weights stored in FP8 (precision.fp8_frozen_storage): 1 byte each plus
+    fp32 scales (fp8_storage.py)."""
+    fp8_frozen_block_size: int = 0
+    """Scale granularity of FP8 storage: 0 per output channel, N per N input elements."""
     micro_batch_size: int = 1
     recompute_activations: bool = False
     """Full recompute of every layer: only layer inputs stay alive between forward and backward."""
@@ -85,8 +99,14 @@ class MemorySettings:
     attention_backend: Literal["flash", "unfused"] = "flash"
     """`unfused` keeps the a * s^2 softmax probabilities per layer; flash attention does not."""
     freeze_embeddings_after_stage1: bool = False
-    growth_position: GrowthPosition = "upper"
-    """Where new layers go (growth.py, seed 0); decides their PP rank."""
+    growth_operator: GrowthOperator = "interpolation_mean"
+    growth_position: GrowthPosition | tuple[int, ...] = "upper"
+    growth_seed: int = 0
+    """Operator, position and seed of growth.layer_map: where the new layers of a stage go
+    (`stack` appends on top whatever the position), which decides their pipeline rank."""
+    fp8_recipe: Fp8Recipe | None = None
+    """FP8 compute through Transformer Engine with this recipe (precision.fp8_recipe when
+    precision.fp8 is set); None: no FP8 compute. Adds TE's FP8 weight caches (see module doc)."""
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ConfigError naming the field when a setting is impossible for this model."""
@@ -119,6 +139,9 @@ class MemoryBreakdown:
     main_grads: int
     """Transient fp32 grad copies made by the optimizer step (after activations are freed)."""
     activations: int
+    weight_caches: int = 0
+    """FP8 copies of the linear weights Transformer Engine keeps across micro-batches (FP8
+    compute only); alive across steps like the model state, but not part of it."""
 
     @property
     def model_state_bytes(self) -> int:
@@ -127,15 +150,16 @@ class MemoryBreakdown:
 
     @property
     def peak_bytes(self) -> int:
-        return self.model_state_bytes + max(self.activations, self.main_grads)
+        return (self.model_state_bytes + self.weight_caches
+                + max(self.activations, self.main_grads))
 
     def as_dict(self) -> dict[str, int]:
         """Components plus `model_state_bytes` and `peak_bytes` (JSON-ready)."""
         return {"weights": self.weights, "grads": self.grads,
                 "master_weights": self.master_weights,
                 "optimizer_states": self.optimizer_states, "main_grads": self.main_grads,
-                "activations": self.activations, "model_state_bytes": self.model_state_bytes,
-                "peak_bytes": self.peak_bytes}
+                "activations": self.activations, "weight_caches": self.weight_caches,
+                "model_state_bytes": self.model_state_bytes, "peak_bytes": self.peak_bytes}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -225,9 +249,48 @@ def _layer_params_per_rank(model: ModelConfig, settings: MemorySettings) -> tupl
     return linear, 2 * model.hidden_size, adapter
 
 
+def fp8_scale_elements(model: ModelConfig, settings: MemorySettings) -> int:
+    """fp32 scales of one frozen layer's FP8-stored linears on one TP rank (fp8_storage.py):
+    one per output row of each shard, or one per `fp8_frozen_block_size` input elements of it.
+    (The TE spec keeps one scale per tensor instead: 4 bytes per linear, a negligible
+    over-count here.)"""
+    shards = fp8_support.linear_shards(model, settings.tensor_model_parallel_size)
+    block = settings.fp8_frozen_block_size
+    return sum(out * (inputs // block if block else 1) for out, inputs in shards.values())
+
+
+def fp8_weight_cache_bytes(settings: MemorySettings, trainable_linear: int,
+                           frozen_linear: int) -> int:
+    """Bytes of the FP8 weight copies TE caches for one rank's linear parameters.
+
+    With FP8 compute, TE quantises each weight once per optimizer step (Megatron sets
+    `is_first_microbatch`) and keeps the result for the step's other micro-batches and for the
+    backward pass, frozen weights included (TE 2.x `module/base.py` `get_weight_workspace`,
+    keyed "weight", independent of requires_grad). Backward needs the transposed weight for the
+    input gradient, so on Hopper the copy holds FP8 data + FP8 transpose: 2 bytes per element
+    for delayed, current (tensorwise) and block scaling, 2 + 2/32 for MXFP8's E8M0 block scales
+    (`csrc/quantizer.cpp` create_tensor). A weight already stored in FP8 (precision.
+    fp8_frozen_storage) is used directly, but Hopper attaches its 1-byte transpose to it
+    (`Float8TensorStorage.update_usage`). Blackwell needs no transpose for delayed/current
+    scaling (1 byte); this model assumes Hopper (H100/H200), the product's target.
+    """
+    if settings.fp8_recipe is None:
+        return 0
+    per_element = 2 + (2 / 32 if settings.fp8_recipe == "mxfp8" else 0)
+    frozen = 1 if settings.fp8_frozen_storage else per_element
+    return math.ceil(per_element * trainable_linear + frozen * frozen_linear)
+
+
 def _activation_bytes(model: ModelConfig, settings: MemorySettings, num_layers: int,
-                      in_flight: int, last_rank: bool) -> int:
-    """Activation estimate of one PP rank (bytes); see `activation_bytes_per_layer`."""
+                      num_frozen: int, in_flight: int, last_rank: bool) -> int:
+    """Activation estimate of one PP rank (bytes); see `activation_bytes_per_layer`.
+
+    FP8 with adapters adds one term per frozen layer: an adapted TE LayerNormLinear (linear_qkv,
+    linear_fc1) hands its normalised input to the LoRA branch (`return_layernorm_output`), and
+    under FP8 TE then also saves its own FP8 copy of that input although a frozen weight needs
+    no weight gradient (TE 2.x `module/layernorm_linear.py`: `ln_out` is only freed when the
+    weight is frozen *and* not returned): 1 byte per element of [s, b, h].
+    """
     s, b, h = model.seq_length, settings.micro_batch_size, model.hidden_size
     tp = settings.tensor_model_parallel_size
     element = 2 if settings.params_dtype == "bf16" else 4
@@ -237,7 +300,15 @@ def _activation_bytes(model: ModelConfig, settings: MemorySettings, num_layers: 
     # last rank: final-norm input, output-layer input, fp32 logits kept by the cross entropy
     head = 2 * layer_input + 4 * s * b * model.vocab_size // tp if last_rank else 0
     recomputed = full_layer if settings.recompute_activations else 0
-    return in_flight * (num_layers * kept + head) + recomputed
+    fp8_norm_copies = 0  # 1 byte per [s, b, h] element, per adapted norm-fused linear
+    if settings.fp8_recipe is not None and settings.lora_rank and num_frozen:
+        per_layer = (sum(t in ("linear_qkv", "linear_fc1") for t in settings.lora_targets)
+                     * layer_input // element)
+        if settings.recompute_activations:  # only the layer being recomputed holds them
+            recomputed += per_layer
+        else:
+            fp8_norm_copies = num_frozen * per_layer
+    return in_flight * (num_layers * kept + head + fp8_norm_copies) + recomputed
 
 
 def activation_bytes_per_layer(model: ModelConfig, settings: MemorySettings) -> int:
@@ -287,21 +358,25 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
     weight_bytes = 2 if bf16 else 4
     grad_bytes = 4 if settings.grad_reduce_in_fp32 or not bf16 else 2
     frozen_linear_bytes = 1 if settings.fp8_frozen_storage else weight_bytes
+    scale_bytes = 4 * fp8_scale_elements(model, settings) if settings.fp8_frozen_storage else 0
     dp = settings.data_parallel_size if settings.use_distributed_optimizer else 1
     linear, norm, adapter = _layer_params_per_rank(model, settings)
     vocab_rows = model.vocab_size * model.hidden_size // tp
     embeddings_trainable = not (settings.freeze_embeddings_after_stage1 and num_old > 0)
     # a tied output layer still has its own copy on the last PP rank when PP > 1
     has_output = model.untie_embeddings_and_output_weights or pp > 1
-    new = set(new_layer_indices(num_old, num_new, settings.growth_position)
-              if num_old else range(depth))
+    growth = GrowthConfig(operator=settings.growth_operator, position=settings.growth_position,
+                          seed=settings.growth_seed)
+    new = ({i for i, source in enumerate(layer_map(num_old, num_new, growth)) if source.is_new}
+           if num_old else set(range(depth)))
     ranks = []
     for rank, (first, count) in enumerate(zip(pipeline_offsets(depth, pp),
                                               pipeline_split(depth, pp), strict=True)):
         num_trainable = sum(index in new for index in range(first, first + count))
         num_frozen = count - num_trainable
         trainable = num_trainable * (linear + norm) + num_frozen * adapter
-        frozen_bytes = num_frozen * (linear * frozen_linear_bytes + norm * weight_bytes)
+        frozen_bytes = num_frozen * (linear * frozen_linear_bytes + scale_bytes
+                                     + norm * weight_bytes)
         vocab_tensors = (rank == 0) + (rank == pp - 1 and has_output)
         if embeddings_trainable:
             trainable += vocab_tensors * vocab_rows
@@ -313,7 +388,10 @@ def _full_cost(model: ModelConfig, num_new: int, num_old: int,
             weights=weight_bytes * trainable + frozen_bytes, grads=grad_bytes * trainable,
             master_weights=4 * shard if bf16 else 0, optimizer_states=8 * shard,
             main_grads=4 * shard if grad_bytes == 2 else 0,
-            activations=_activation_bytes(model, settings, count, pp - rank, rank == pp - 1)))
+            activations=_activation_bytes(model, settings, count, num_frozen, pp - rank,
+                                          rank == pp - 1),
+            weight_caches=fp8_weight_cache_bytes(settings, num_trainable * linear,
+                                                 num_frozen * linear)))
     per_layer = params_per_layer(model)
     vocab_params = _vocab_params(model)
     trainable_total = num_new * per_layer + model.hidden_size
@@ -400,8 +478,11 @@ def run_settings(config: RunConfig, stage: StageConfig, data_parallel_size: int
         params_dtype=config.precision.params_dtype,
         grad_reduce_in_fp32=config.precision.grad_reduce_in_fp32,
         fp8_frozen_storage=config.precision.fp8_frozen_storage,
+        fp8_frozen_block_size=config.precision.fp8_frozen_block_size,
         micro_batch_size=config.train.micro_batch_size,
         recompute_activations=config.parallel.recompute_activations,
         attention_backend="flash" if te.HAVE_TE else "unfused",
         freeze_embeddings_after_stage1=config.freeze_embeddings_after_stage1,
-        growth_position=stage.growth.position)
+        growth_operator=stage.growth.operator, growth_position=stage.growth.position,
+        growth_seed=stage.growth.seed,
+        fp8_recipe=config.precision.fp8_recipe if config.precision.fp8 is not None else None)

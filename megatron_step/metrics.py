@@ -13,6 +13,7 @@ when the `tensorboard` package is installed, Weights & Biases when `logging.wand
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_step import collectives
+from megatron_step import collectives, fp8_storage, te
 from megatron_step.checkpoint import write_json_atomic
 from megatron_step.config import WandbConfig
 from megatron_step.log import logger
@@ -37,7 +38,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return te.stored_nbytes(tensor)
 
 
 def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict[str, int]:
@@ -76,9 +77,28 @@ def measure_model_state(chunks: Sequence[torch.nn.Module], optimizer: Any) -> di
         for state in inner.state.values():
             states += sum(_nbytes(v) for k, v in state.items()
                           if k in ("exp_avg", "exp_avg_sq") and isinstance(v, torch.Tensor))
+    weights += fp8_storage.stored_bytes(chunks)  # FP8 scales (the FP8 weights are parameters)
     return {"weights": weights, "grads": grads, "master_weights": master,
             "optimizer_states": states, "model_state_bytes": weights + grads + master + states,
             "trainable_params": trainable, "frozen_params": frozen}
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor alive in this process right now (all ranks' model state included).
+
+    On GPU the CUDA allocator's count. On CPU the storages of every tensor object the garbage
+    collector tracks, each storage once, *before* any collection: memory held by unreachable
+    cycles not yet collected counts, as it does in the CUDA allocator until those are collected.
+    """
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values())
 
 
 def peak_memory_bytes() -> int:

@@ -57,10 +57,10 @@ def layer_spec(precision: PrecisionConfig, seed: int = 1234) -> ModuleSpec:
     seeded per global index (`SeededTransformerLayer`).
 
     Raises:
-        ValueError: FP8 requested (`precision.fp8`) but Transformer Engine is not available.
+        ConfigError: FP8 requested (`precision.fp8`) that this process cannot run (no
+            Transformer Engine, or a recipe the GPU does not support).
     """
-    if precision.fp8 is not None:
-        te.require_te("precision.fp8", precision.fp8)
+    te.check_fp8(precision)
     if te.HAVE_TE:
         spec = te.te_layer_spec()
     else:
@@ -162,9 +162,26 @@ def build_model(model: ModelConfig, num_layers: int, parallel: ParallelConfig,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )
+    _cast_stray_parameters(gpt, config.params_dtype)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+@torch.no_grad()
+def _cast_stray_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating-point parameter the params dtype.
+
+    The local spec builds its RMSNorm (torch.nn.RMSNorm through Megatron's WrappedTorchNorm)
+    in fp32 whatever `params_dtype` is; Megatron-LM casts such leftovers with its Float16Module
+    and TE builds norms in params_dtype. Left in fp32 they break Megatron's non-distributed
+    bf16 optimizer checkpoint (its sharded_state_dict maps only the float16 groups to model
+    tensors: "Param id ... does not match any model sharded param") and cost 2 extra bytes per
+    norm weight the planner does not count.
+    """
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def layer_offset(module: GPTModel) -> int:

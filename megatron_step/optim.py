@@ -17,6 +17,7 @@ instance-level fixes applied by `build_optimizer` work around them (megatron_not
 
 from __future__ import annotations
 
+import gc
 import math
 import types
 from collections.abc import Sequence
@@ -95,6 +96,47 @@ def wrap_and_optimize(chunks: Sequence[MegatronModule], parallel: ParallelConfig
                                                module=chunk,
                                                disable_bucketing=index > 0))
     return wrapped, build_optimizer(wrapped, parallel, precision, optimizer, lr)
+
+
+# Attributes Megatron's DDP and optimizers put on model parameters; each one keeps a grad buffer
+# view or an fp32 master copy alive for as long as the parameter lives.
+_TRAINING_ATTRIBUTES = ("main_grad", "main_param", "main_param_sharded", "grad_added_to_main_grad")
+
+
+def release(wrapped: Sequence[DistributedDataParallel], optimizer: torch.optim.Optimizer) -> None:
+    """Free a finished stage's gradient buffers, hooks, fp32 master weights and Adam states now.
+
+    At a stage boundary the old model lives on (it is the source of the grown one), and through
+    it everything its training attached: `param.main_grad` views keep DDP's grad buffers alive,
+    `param.main_param` the fp32 masters, and DDP's backward hooks and our optimizer patches form
+    reference cycles that only a full garbage collection breaks. Left alone, all of that is still
+    allocated while the grown model and its optimizer are built, and the boundary peak exceeds the
+    planned peak. Afterwards `wrapped` and `optimizer` are unusable; the chunks they wrapped keep
+    only their weights and can be wrapped again (a stage at the same depth) without stale hooks.
+    """
+    for ddp in wrapped:
+        for param in ddp.module.parameters():
+            param.grad = None
+            for name in _TRAINING_ATTRIBUTES:
+                if hasattr(param, name):
+                    delattr(param, name)
+        ddp.grad_accs.clear()  # the AccumulateGrad nodes that carry DDP's backward hooks
+        for handle in ddp.remove_forward_pre_hook_handles.values():
+            handle.remove()
+        ddp.remove_forward_pre_hook_handles.clear()
+        ddp.buffers, ddp.bucket_groups = [], []
+        ddp.expert_parallel_buffers, ddp.expert_parallel_bucket_groups = [], []
+        ddp.param_to_bucket_group = {}
+    for inner in leaf_optimizers(optimizer):
+        inner.optimizer.state.clear()  # Adam moments
+        for group in inner.optimizer.param_groups:
+            group["params"] = []
+        for name, value in vars(inner).items():  # Megatron's fp32 master lists (`*_groups`)
+            if name.endswith("_groups") and isinstance(value, list | dict):
+                value.clear()
+    gc.collect()  # DDP hooks and our optimizer patches are reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_optimizer(chunks: Sequence[DistributedDataParallel], parallel: ParallelConfig,

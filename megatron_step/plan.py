@@ -300,7 +300,8 @@ def stage_config_dicts(plan: StagePlan, train_steps: int | Sequence[int] = 1000,
     for index, (stage, num_steps) in enumerate(zip(plan.stages, steps, strict=True)):
         item: dict[str, Any] = {"num_layers": stage.num_layers, "train_steps": num_steps}
         if index:
-            item["growth"] = {"position": settings.growth_position}
+            item["growth"] = {"operator": settings.growth_operator,
+                              "position": settings.growth_position}
             item["lora"] = {"rank": settings.lora_rank, "alpha": lora_alpha,
                             "targets": list(settings.lora_targets)}
         items.append(item)
@@ -378,24 +379,30 @@ def describe_settings(model: ModelConfig, settings: MemorySettings) -> str:
     flags = ("use_distributed_optimizer", "grad_reduce_in_fp32", "fp8_frozen_storage",
              "recompute_activations", "sequence_parallel", "freeze_embeddings_after_stage1")
     parts += [name for name in flags if getattr(settings, name)]
-    return ", ".join(parts) + f", growth {settings.growth_position}"
+    if settings.fp8_recipe is not None:
+        parts.append(f"FP8 compute ({settings.fp8_recipe})")
+    growth = settings.growth_position
+    if settings.growth_operator != "interpolation_mean":
+        growth = f"{settings.growth_operator} at {growth}"
+    return ", ".join(parts) + f", growth {growth}"
 
 
 def format_plan(plan: StagePlan, title: str) -> str:
     """A plain-text table: one row per stage plus vanilla, sizes in GiB, params in millions."""
+    caches = plan.settings.fp8_recipe is not None  # the column only matters with FP8 compute
     header = ("stage", "+layers", "layers", "trainable", "frozen", "adapter", "weights",
-              "grads", "master", "adam", "main_grads", "activations", "peak", "reduction")
+              "grads", "master", "adam", "main_grads", "activations",
+              *(("fp8_caches",) if caches else ()), "peak", "reduction")
     rows = [header]
     labelled = [(str(i + 1), s) for i, s in enumerate(plan.stages)] + [("vanilla", plan.vanilla)]
     for label, stage in labelled:
         memory = stage.memory
+        sizes = (memory.weights, memory.grads, memory.master_weights, memory.optimizer_states,
+                 memory.main_grads, memory.activations,
+                 *((memory.weight_caches,) if caches else ()), stage.peak_bytes)
         rows.append((label, str(stage.num_new_layers), str(stage.num_layers),
                      _millions(stage.trainable_params), _millions(stage.frozen_params),
-                     _millions(stage.adapter_params),
-                     *(format_size(v) for v in (memory.weights, memory.grads,
-                                                memory.master_weights, memory.optimizer_states,
-                                                memory.main_grads, memory.activations,
-                                                stage.peak_bytes)),
+                     _millions(stage.adapter_params), *(format_size(v) for v in sizes),
                      f"{1 - stage.peak_bytes / plan.vanilla_peak_bytes:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))

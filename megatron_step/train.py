@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_step import collectives, data, lora, relora
+from megatron_step import collectives, data, fp8_storage, lora, relora, te
 from megatron_step.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -55,6 +55,7 @@ from megatron_step.log import describe_backend, logger, setup_logging
 from megatron_step.memory import run_settings, stage_cost
 from megatron_step.metrics import (
     MetricsLog,
+    live_tensor_bytes,
     max_over_ranks,
     measure_model_state,
     peak_memory_bytes,
@@ -64,7 +65,7 @@ from megatron_step.metrics import (
     write_summary,
 )
 from megatron_step.model import build_model
-from megatron_step.optim import learning_rate, set_learning_rate, wrap_and_optimize
+from megatron_step.optim import learning_rate, release, set_learning_rate, wrap_and_optimize
 from megatron_step.parallel import (
     Layout,
     destroy_distributed,
@@ -215,9 +216,11 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     stage = config.stages[index - 1]
     steps = stage_steps(config)[index - 1]
     frozen = {i for i, entry in enumerate(provenance) if entry["born_stage"] < index}
-    report = lora.freeze_and_adapt(chunks, frozen, stage.lora, seed=config.train.seed + index,
-                                   freeze_embeddings=index > 1
-                                   and config.freeze_embeddings_after_stage1)
+    precision = config.precision
+    report = lora.freeze_and_adapt(
+        chunks, frozen, stage.lora, seed=config.train.seed + index,
+        freeze_embeddings=index > 1 and config.freeze_embeddings_after_stage1,
+        fp8_block_size=precision.fp8_frozen_block_size if precision.fp8_frozen_storage else None)
     ddp, optimizer = wrap_and_optimize(chunks, config.parallel, config.precision,
                                        config.optimizer, stage.lr)
     adapters = lora.adapter_meta(stage.lora, frozen)
@@ -226,6 +229,8 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         meta = load_checkpoint(resume["path"], chunks, optimizer)
         _restore_rank_state(meta.get("rank_state"))
         start = meta["stage_step"]
+    # everything this stage allocates before its first step; the previous stage's must be gone
+    live_at_start = max_over_ranks({"live_bytes_at_start": live_tensor_bytes()})
     logger.info("stage %d/%d: %d layers (%d frozen + adapters rank %d, %d new), steps %d..%d; "
                 "params trainable %s, frozen %s, adapters %s", index, len(config.stages),
                 len(provenance), len(frozen), stage.lora.rank if frozen else 0,
@@ -292,8 +297,8 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
     bar.close()
     wall = time.perf_counter() - wall_start
     predicted, predicted_peak = _stage_prediction(run, index)
-    measured = max_over_ranks({**measure_model_state(ddp, optimizer),
-                               "peak_bytes": peak_memory_bytes()})
+    measured = {**max_over_ranks({**measure_model_state(ddp, optimizer),
+                                  "peak_bytes": peak_memory_bytes()}), **live_at_start}
     if valid_loss is None:
         valid_loss = _evaluate(run, ddp)
     run.stage_summaries.append({
@@ -307,7 +312,9 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         "steps": steps - start, "tokens": (steps - start) * run.tokens_per_step,
         "tokens_per_s": (steps - start) * run.tokens_per_step / max(wall, 1e-9),
         "wall_s": wall})
-    lora.merge_adapters(chunks)
+    release(ddp, optimizer)  # before the next stage grows the model (see optim.release)
+    lora.merge_adapters(chunks)  # into the full-precision masters of FP8-stored weights
+    fp8_storage.restore(chunks)  # growth and the next stage start from full precision
     _save(run, f"stage{index}-end", chunks, _meta(run, index, steps, "stage_end", provenance,
                                                   None))
 
@@ -420,6 +427,7 @@ def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str,
         ConfigError: the starting checkpoint does not fit the config.
     """
     out_dir = Path(config.out_dir)
+    te.check_fp8(config.precision)  # before minutes of data preparation, not at the first step
     layout = init_distributed(config.model, config.stages[0].num_layers, config.parallel,
                               seed=config.train.seed)
     logger.info("world %d = TP %d x PP %d x DP %d; %s", layout.world_size,

@@ -11,7 +11,7 @@
 #SBATCH --signal=B:USR1@180
 #
 # STEP, 3 stages, LLaMA-2-7B shape on 4 nodes x 8 H100 80GB (examples/step_7b_3stage.yaml:
-# TP=1 PP=1 DP=32, distributed optimizer, FP8 through Transformer Engine, 18 -> 27 -> 32 layers).
+# TP=1 PP=1 DP=32, distributed optimizer, FP8 through Transformer Engine, 23 -> 30 -> 32 layers).
 #
 # Submit from the repository root (the log directory must exist):
 #   mkdir -p logs && sbatch slurm/step_3stage_7b.sh

@@ -308,6 +308,7 @@ def _online_vs_offline(src: Path, offline: dict[str, Path]) -> dict[str, object]
             meta = load_checkpoint(offline[operator], [loaded])
             result[f"mismatch {operator} tp{tp}pp{pp}"] = unequal_params(online, loaded)
             result[f"provenance {operator}"] = provenance == meta["layers"]
+            result[f"uninitialised {operator}"] = not online.config.use_cpu_initialization
             if (tp, pp) == (2, 2):
                 zero = _growth(operator, SETTINGS[operator], zero_output=True)
                 grown, _ = grow_model([gpt], default_provenance(SOURCE_DEPTH), model,
@@ -353,12 +354,13 @@ def test_online_growth_equals_offline_growth(online_results: list[dict]) -> None
     """Online growth of a live model (old layers sent between pipeline ranks as the PP split
     changes: 2,2 -> 3,3 at TP2xPP2 and 1,1,1,1 -> 2,2,1,1 at PP4) gives bit-identical weights
     and the same provenance as offline growth of its checkpoint, for every operator, including
-    random init drawn as full tensors and sharded through the model's sharded_state_dict."""
+    random init drawn as full tensors and sharded through the model's sharded_state_dict. The
+    grown model is built without initialisation (every weight is written by growth)."""
     for rank, result in enumerate(online_results):
         for key, value in result.items():
             if key.startswith("mismatch"):
                 assert value == [], f"rank {rank} {key}: {value}"
-            elif key.startswith("provenance"):
+            elif key.startswith(("provenance", "uninitialised")):
                 assert value is True, f"rank {rank} {key}"
 
 

@@ -534,3 +534,26 @@ def test_freeze_and_adapt_rejects_bad_requests(world1: None) -> None:
     assert all(isinstance(m, LoraLinear) for m in adapted_modules([gpt]))
     with pytest.raises(ValueError, match="already holds adapters"):
         freeze_and_adapt([gpt], {1}, LORA, seed=SEED)
+
+
+def test_norm_fused_branch_input_unpacks_megatrons_te_wrapping() -> None:
+    """The LoRA branch of a TE LayerNormLinear reads TE's own normalised input: the forward
+    runs with `return_layernorm_output` on (restored afterwards, TE >= 2.9's `_gathered` flag
+    kept off) and Megatron's two wrappings of TE's result are unpacked to (out, bias, norm(x))."""
+    from megatron_step import te
+
+    out, bias, norm = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
+    assert te.split_norm_output(((out, norm), None)) == (out, None, norm)
+    assert te.split_norm_output((out, bias, norm)) == (out, bias, norm)
+
+    module = torch.nn.Linear(2, 2)
+    module.return_layernorm_output, module.return_layernorm_output_gathered = False, False
+    with te.returning_norm_output(module):
+        assert module.return_layernorm_output is True
+        assert module.return_layernorm_output_gathered is False
+    assert module.return_layernorm_output is False
+    older = torch.nn.Linear(2, 2)  # TE < 2.9 has no `_gathered` flag: none is added
+    older.return_layernorm_output = False
+    with te.returning_norm_output(older):
+        assert older.return_layernorm_output is True
+    assert not hasattr(older, "return_layernorm_output_gathered")

@@ -46,7 +46,7 @@ def _with_depth(model: ModelConfig, depth: int) -> ModelConfig:
     # model: L * layer + 2 V h (untied) + h (final norm)
     ("tiny", 4 * 36_992 + 2 * 256 * 64 + 64),  # 180,800
     ("llama-368m", 24 * 12_601_344 + 2 * 32_000 * 1024 + 1024),  # 367,969,280
-    ("llama-1.2b", 24 * 50_333_696 + 2 * 32_000 * 2048 + 2048),  # 1,339,082,752
+    ("llama-1.2b", 24 * 51_384_320 + 2 * 32_000 * 2048 + 2048),  # 1,364,297,728
     ("llama2-7b", 32 * 202_383_360 + 2 * 32_000 * 4096 + 4096),  # 6,738,415,616 (Llama-2-7b)
 ])
 def test_count_parameters_matches_megatron_gptmodel(preset: str, expected: int) -> None:
@@ -294,8 +294,9 @@ def test_distributed_optimizer_shards_master_and_adam_not_grads() -> None:
 
 
 def test_frozen_layers_cost_weight_bytes_only_and_fp8_halves_linears() -> None:
-    """A stage with N old layers: they add 2 bytes/param (linears 1 with FP8 storage) plus their
-    adapters, which are trainable (16 bytes each without the fp32 grad buffer)."""
+    """A stage with N old layers: they add 2 bytes/param (linears 1 with FP8 storage, plus one
+    fp32 scale per output row, or per block of input elements) plus their adapters, which are
+    trainable (16 bytes each without the fp32 grad buffer)."""
     model = _with_depth(GQA_MODEL, 8)
     rank = 4
     settings = MemorySettings(lora_rank=rank, grad_reduce_in_fp32=False)
@@ -305,7 +306,13 @@ def test_frozen_layers_cost_weight_bytes_only_and_fp8_halves_linears() -> None:
     first = stage_cost(model, 3, 0, settings).memory
     assert grown.model_state_bytes - first.model_state_bytes == 5 * (2 * layer + 16 * adapter)
     fp8 = stage_cost(model, 3, 5, dataclasses.replace(settings, fp8_frozen_storage=True)).memory
-    assert grown.weights - fp8.weights == 5 * (layer - norms)
+    qkv_out = (model.num_attention_heads + 2 * model.query_groups) * model.head_dim
+    rows = qkv_out + model.hidden_size + 2 * model.ffn_hidden_size + model.hidden_size
+    assert grown.weights - fp8.weights == 5 * (layer - norms - 4 * rows)
+    blocks = dataclasses.replace(settings, fp8_frozen_storage=True, fp8_frozen_block_size=32)
+    per_block = stage_cost(model, 3, 5, blocks).memory
+    inputs = (qkv_out * 96 + 96 * 96 + 2 * model.ffn_hidden_size * 96 + 96 * 256) // 32
+    assert grown.weights - per_block.weights == 5 * (layer - norms - 4 * inputs)
 
 
 def test_tensor_parallel_splits_linears_and_vocab_but_not_norms() -> None:
@@ -334,6 +341,64 @@ def test_pipeline_places_new_layers_by_growth_position() -> None:
         trainable = [vocab + 3 * adapter, vocab + model.hidden_size + 3 * adapter]
         trainable[new_rank] += layer - adapter
         assert [r.grads for r in ranks] == [4 * t for t in trainable], position
+
+
+def test_pipeline_places_new_layers_where_growth_puts_them() -> None:
+    """PP=2, growing 4 -> 6 layers: `stack` appends both new layers on top (rank 1), `upper`
+    interleaves them (one per rank), and the planner agrees with growth.layer_map, including a
+    seeded `random` position (the bug: it used `upper`'s placement for every operator)."""
+    from megatron_step.config import GrowthConfig
+    from megatron_step.growth import layer_map
+
+    model, rank = _with_depth(GQA_MODEL, 6), 8
+    layer, adapter = params_per_layer(model), lora_params_per_layer(model, rank)
+    for operator, position, seed in (("stack", "upper", 0), ("interpolation_mean", "upper", 0),
+                                     ("copy", "random", 3), ("copy", "random", 4)):
+        settings = MemorySettings(lora_rank=rank, pipeline_model_parallel_size=2,
+                                  growth_operator=operator, growth_position=position,
+                                  growth_seed=seed)
+        new = [i for i, source in enumerate(layer_map(4, 2, GrowthConfig(
+            operator=operator, position=position, seed=seed))) if source.is_new]
+        per_rank = [sum(i < 3 for i in new), sum(i >= 3 for i in new)]
+        ranks = stage_cost(model, 2, 4, settings).pipeline_ranks
+        vocab = model.vocab_size * model.hidden_size
+        expected = [vocab, vocab + model.hidden_size]
+        for r in range(2):
+            expected[r] += per_rank[r] * layer + (3 - per_rank[r]) * adapter
+        assert [r.grads for r in ranks] == [4 * t for t in expected], (operator, position, seed)
+
+
+def test_fp8_compute_adds_transformer_engines_weight_caches() -> None:
+    """FP8 compute: TE keeps an FP8 copy + transpose of every linear weight, frozen included
+    (2 bytes per linear parameter on Hopper; MXFP8 + 2/32 for block scales); a weight already
+    stored in FP8 keeps only its 1-byte transpose. No FP8 compute, no caches. The caches are
+    alive across steps (in the peak) but are not model state."""
+    model = _with_depth(GQA_MODEL, 6)
+    linear = params_per_layer(model) - 2 * model.hidden_size
+    plain = stage_cost(model, 2, 4, MemorySettings())
+    assert plain.memory.weight_caches == 0
+    fp8 = stage_cost(model, 2, 4, MemorySettings(fp8_recipe="delayed"))
+    assert fp8.memory.weight_caches == 2 * 6 * linear
+    assert fp8.memory.model_state_bytes == plain.memory.model_state_bytes
+    mx = stage_cost(model, 2, 4, MemorySettings(fp8_recipe="mxfp8"))
+    assert mx.memory.weight_caches == math.ceil((2 + 2 / 32) * 6 * linear)
+    stored = stage_cost(model, 2, 4, MemorySettings(fp8_recipe="delayed", fp8_frozen_storage=True))
+    assert stored.memory.weight_caches == 2 * 2 * linear + 1 * 4 * linear
+    assert fp8.peak_bytes - plain.peak_bytes >= fp8.memory.weight_caches
+
+
+def test_fp8_adapted_norm_linears_keep_an_fp8_copy_of_their_input() -> None:
+    """Under FP8 an adapted TE LayerNormLinear (qkv, fc1) of a frozen layer saves 1 byte per
+    [s, b, h] element that a frozen weight would not need; only with adapters on those targets."""
+    model = _with_depth(GQA_MODEL, 6)
+    s, h = model.seq_length, model.hidden_size
+    base = MemorySettings(fp8_recipe="delayed", micro_batch_size=2)
+    with_fp8 = stage_cost(model, 2, 4, base).memory.activations
+    without = stage_cost(model, 2, 4, dataclasses.replace(base, fp8_recipe=None))
+    assert with_fp8 - without.memory.activations == 4 * 2 * s * 2 * h
+    row_only = dataclasses.replace(base, lora_targets=("linear_proj", "linear_fc2"))
+    assert stage_cost(model, 2, 4, row_only).memory.activations == \
+        stage_cost(model, 2, 4, dataclasses.replace(row_only, fp8_recipe=None)).memory.activations
 
 
 def test_uneven_pipeline_split_gives_earlier_ranks_the_extra_layer() -> None:

@@ -156,3 +156,25 @@ def test_bad_input_gives_one_line_error_naming_the_argument(
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("plan_stages.py: error: ")
     assert expected in lines[0]
+
+
+def _readme_planner_tables() -> list[tuple[list[str], str]]:
+    """(arguments, table) for every `python tools/plan_stages.py ... --markdown` block in the
+    README followed by its Markdown table."""
+    import re
+    import shlex
+
+    text = (TOOLS.parent / "README.md").read_text()
+    pattern = re.compile(r"```bash\npython tools/plan_stages\.py ([^\n]*--markdown[^\n]*)\n```"
+                         r"\n\n((?:\|[^\n]*\n)+)")
+    return [(shlex.split(args), table.strip()) for args, table in pattern.findall(text)]
+
+
+def test_readme_planner_tables_are_what_the_planner_prints(capsys: pytest.CaptureFixture) -> None:
+    """Each planner table in the README is the current output of the command shown above it,
+    so a change of the memory model or of a preset cannot leave stale numbers behind."""
+    tables = _readme_planner_tables()
+    assert len(tables) >= 2
+    for args, table in tables:
+        assert TOOL.main(args) == 0
+        assert capsys.readouterr().out.strip() == table, " ".join(args)

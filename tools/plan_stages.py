@@ -48,9 +48,9 @@ MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "ffn_hidden_size", "vocab_size", "seq_length")
 FULL_ONLY = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size",
              "use_distributed_optimizer", "params_dtype", "grad_reduce_in_fp32",
-             "fp8_frozen_storage", "micro_batch_size", "recompute_activations",
-             "sequence_parallel", "attention_backend", "freeze_embeddings_after_stage1",
-             "growth_position")
+             "fp8_frozen_storage", "fp8_frozen_block_size", "micro_batch_size",
+             "recompute_activations", "sequence_parallel", "attention_backend",
+             "freeze_embeddings_after_stage1", "growth_operator", "growth_position", "fp8_recipe")
 """MemorySettings fields the paper model ignores (a warning says so when they are set)."""
 FLAG_FOR_FIELD = {"num_stages": "--stages", "model.preset": "--model"}
 
@@ -108,13 +108,24 @@ def build_parser() -> Parser:
                         default=True, help="bf16 params: fp32 grad buffer, 4 bytes per trainable "
                         "parameter (default, as precision.grad_reduce_in_fp32); --no-...: 2")
     memory.add_argument("--fp8-frozen-storage", action="store_true",
-                        help="frozen linear weights in FP8 (1 byte), Transformer Engine")
+                        help="frozen linear weights stored in FP8 (1 byte per parameter + "
+                        "fp32 scales)")
+    memory.add_argument("--fp8-frozen-block-size", type=int, default=0, metavar="N",
+                        help="FP8 storage scale per N input elements (default 0: per output "
+                        "channel)")
+    memory.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "blockwise", "mxfp8"),
+                        help="FP8 compute through Transformer Engine (precision.fp8 set, with "
+                        "this precision.fp8_recipe): adds TE's FP8 weight caches, 2 bytes per "
+                        "linear parameter on Hopper")
     memory.add_argument("--micro-batch-size", type=int, default=1, metavar="N")
     memory.add_argument("--recompute-activations", action="store_true",
                         help="full recompute: keep only each layer's input")
     memory.add_argument("--sequence-parallel", action="store_true")
     memory.add_argument("--attention-backend", choices=("flash", "unfused"), default="flash")
     memory.add_argument("--freeze-embeddings-after-stage1", action="store_true")
+    memory.add_argument("--growth-operator", default="interpolation_mean",
+                        choices=("interpolation_mean", "copy", "random", "stack"),
+                        help="growth operator (stack appends new layers on top)")
     memory.add_argument("--growth-position", default="upper",
                         choices=("upper", "intermediate", "lower", "random"),
                         help="where new layers go; decides their pipeline rank")
