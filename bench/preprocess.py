@@ -185,7 +185,7 @@ def markdown(result: dict[str, Any], argv: list[str]) -> str:
     for run in result["runs"]:
         same = run.get("identical_to_ours")
         rows.append([run["tool"], run["tokenizer"], run["workers"], f"{run['wall_s']:.1f}",
-                     f"{run['cpu_s']:.1f}",
+                     f"{run['cpu_s']:.1f}", f"{result['input_mb'] / run['cpu_s']:.2f}",
                      f"{result['input_mb'] / run['wall_s']:.2f}",
                      f"{run['tokens_total'] / run['wall_s']:,.0f}",
                      "-" if run["build_s"] is None else f"{run['build_s']:.1f}",
@@ -193,8 +193,9 @@ def markdown(result: dict[str, Any], argv: list[str]) -> str:
                      else f"{result['input_mb'] / run['build_s']:.2f}",
                      "-" if same is None else ("yes" if same else "NO"),
                      f"{run['load_before']:.1f} / {run['load_after']:.1f}"])
-    header = ["tool", "tokenizer", "workers", "wall s", "CPU s", "MB/s (wall)", "tokens/s (wall)",
-              "build s", "MB/s (build)", "same bytes as ours", "load avg before / after"]
+    header = ["tool", "tokenizer", "workers", "wall s", "CPU s", "MB per CPU s", "MB/s (wall)",
+              "tokens/s (wall)", "build s", "MB/s (build)", "same bytes as ours",
+              "load avg before / after"]
     return (f"#### Preprocessing throughput: {result['input_mb']:.1f} MB of JSONL "
             f"({result['documents']:,} documents), {result['vocab_size']:,}-id tokenizers, "
             f"{result['cpus']} CPUs\n\n"

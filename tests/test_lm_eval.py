@@ -1,7 +1,7 @@
 """lm-evaluation-harness on an exported checkpoint, with a task defined from local files, scored
 against tools/evaluate.py on the same tokens.
 
-Needs `lm-eval` (`pip install -e '.[eval]'`, about a minute on top of the test extras); marked
+Needs `lm-eval[hf]` (`pip install -e '.[eval]'`, 77 s on top of the test extras); marked
 `lm_eval` and reported as not run where it is missing. The comparison is exact by
 construction: lm-eval's rolling log-likelihood scores each document on its own, from a prefix
 token (here the tokenizer's EOD, as the export has no BOS), in windows of the model's
