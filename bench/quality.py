@@ -140,10 +140,10 @@ def prepare_data(work_dir: Path, source: Path, quick: bool, vocab_size: int) -> 
     Raises:
         common.BenchError: WikiText-2 is missing.
     """
-    from megatron_step.corpus import texts
     from megatron_step.data import build_indexed_dataset
+    from megatron_step.data.sources import texts
+    from megatron_step.data.tokenizer import load_tokenizer, train_bpe
     from megatron_step.evaluation import indexed_prefix
-    from megatron_step.tokenizer import load_tokenizer, train_bpe
 
     files = {name: source / name for name in ("train.txt", "valid.txt")}
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -174,8 +174,8 @@ def prepare_data(work_dir: Path, source: Path, quick: bool, vocab_size: int) -> 
 
 def valid_stream(data: dict[str, str], max_tokens: int) -> torch.Tensor:
     """WikiText-2 valid as one token stream (megatron_step.evaluation's definition)."""
+    from megatron_step.data.tokenizer import load_tokenizer
     from megatron_step.evaluation import read_token_stream
-    from megatron_step.tokenizer import load_tokenizer
 
     return read_token_stream(data["valid"], load_tokenizer(data["tokenizer"]),
                              document_format="wikitext", max_tokens=max_tokens)
@@ -252,11 +252,11 @@ def train_galore(spec: dict[str, Any]) -> dict[str, Any]:
     from megatron_step import data as mdata
     from megatron_step.checkpoint import save_checkpoint
     from megatron_step.config import ParallelConfig, PrecisionConfig
+    from megatron_step.data.tokenizer import load_tokenizer
     from megatron_step.log import logger
     from megatron_step.metrics import peak_memory_bytes
     from megatron_step.model import build_model
     from megatron_step.optim import learning_rate, set_learning_rate
-    from megatron_step.tokenizer import load_tokenizer
 
     with warnings.catch_warnings():  # galore-torch warns at import about bitsandbytes kernels
         warnings.simplefilter("ignore")

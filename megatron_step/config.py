@@ -349,21 +349,63 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DataConfig:
-    """Where tokens come from: a Megatron indexed dataset prefix, or the embedded demo corpus."""
+class BlendEntry:
+    """One weighted source of a data blend."""
 
-    path: str = "embedded"
-    """Prefix of a `.bin/.idx` pair written by tools/preprocess_data.py, or 'embedded'."""
+    path: str
+    """Prefix of an indexed dataset, or a glob of prefixes ('data/fwe-*': the shards written by
+    tools/preprocess_data.py --output-shards), which share the weight in proportion to their
+    tokens."""
+    weight: float = 1.0
+    """Relative weight (weights are normalised over the blend): the share of samples drawn."""
+
+    def validate(self, path: str) -> None:
+        _check(_path(path, "path"), bool(self.path), "must be a non-empty path")
+        _check(_path(path, "weight"), self.weight > 0, f"must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SplitBlends:
+    """Separate train / valid / test distributions (Megatron's blend_per_split)."""
+
+    train: tuple[BlendEntry, ...]
+    valid: tuple[BlendEntry, ...] = ()
+    """Validation data (empty: no validation)."""
+    test: tuple[BlendEntry, ...] = ()
+
+    def validate(self, path: str) -> None:
+        _check(_path(path, "train"), len(self.train) > 0, "must list at least one dataset")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Where tokens come from: an indexed dataset prefix, a weighted blend of them, or the
+    embedded demo corpus."""
+
+    path: str | None = None
+    """Prefix of a `.bin/.idx` pair written by tools/preprocess_data.py, or 'embedded'; unset:
+    the embedded demo corpus, unless `blend` is set."""
+    blend: tuple[BlendEntry, ...] | SplitBlends | None = None
+    """Weighted datasets mixed by Megatron's BlendedMegatronDatasetBuilder: a list of
+    {path, weight}, each split into train/valid/test by `split`; or {train: [...], valid: [...],
+    test: [...]}, separate distributions used whole (`split` is then unused)."""
     tokenizer: str = "byte"
     """'byte' (built in, vocab 256), a tokenizer.json path, or a SentencePiece .model path."""
     split: str = "98,2,0"
     """Train/valid/test weights, Megatron's string format."""
+    num_workers: int = 2
+    """DataLoader processes that prepare the next micro-batches while the model computes
+    (Megatron's --num-workers); 0 reads them in the training process."""
 
     def validate(self, path: str) -> None:
         parts = self.split.split(",")
         ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         _check(_path(path, "split"), ok, f"must be three comma-separated weights, got "
                f"{self.split!r}")
+        _check(_path(path, "blend"), self.blend is None or self.path is None,
+               f"set either data.path ({self.path!r}) or data.blend, not both")
+        _check(_path(path, "num_workers"), self.num_workers >= 0,
+               f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -383,11 +425,30 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class WandbConfig:
+    """Weights & Biases run (rank 0): wandb.init's project, entity, name and mode."""
+
+    project: str
+    entity: str | None = None
+    """Team or user; None: the logged-in user's default entity."""
+    name: str | None = None
+    """Run name; None: the name of out_dir."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline: log under <out_dir>/wandb only (no network; `wandb sync` uploads it later)."""
+
+    def validate(self, path: str) -> None:
+        _check(_path(path, "project"), bool(self.project), "must be a non-empty string")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LoggingConfig:
     """Rank-0 logging outputs."""
 
     tensorboard: bool = True
     """Write TensorBoard scalars when the `tensorboard` package is installed."""
+    wandb: WandbConfig | None = None
+    """Also log to Weights & Biases (needs the `wandb` package): the same scalars as
+    TensorBoard, plus stage boundaries and the planner's predicted memory."""
     plots: bool = True
     progress_bar: bool = True
 
@@ -463,6 +524,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             _check(path, type(None) in args, "must not be null")
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # a list or a mapping picks the one option of that shape
+            shaped = [a for a in options if (typing.get_origin(a) is tuple
+                                             if isinstance(value, list)
+                                             else dataclasses.is_dataclass(a)
+                                             if isinstance(value, Mapping) else False)]
+            options = shaped if len(shaped) == 1 else options
         if len(options) == 1:
             return _convert(value, options[0], path)
         errors = []

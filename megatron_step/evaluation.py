@@ -2,7 +2,7 @@
 
 Definition (what `evaluate_checkpoint` computes, and what an independent implementation must
 reproduce to get the same number):
-1. Token stream. A text or JSONL file is read as documents (`corpus.read_documents`: JSONL
+1. Token stream. A text or JSONL file is read as documents (`sources.read_documents`: JSONL
    records, blank-line blocks, lines or WikiText articles); each non-blank document is tokenized
    without special tokens and closed with the tokenizer's EOD, and the documents are
    concatenated in file order: exactly what `tools/preprocess_data.py` writes. An indexed
@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from megatron_step.checkpoint import load_checkpoint, model_config_from_meta
 from megatron_step.config import LoraConfig, ParallelConfig, PrecisionConfig
-from megatron_step.corpus import DocumentFormat, read_documents
-from megatron_step.data import read_dataset_meta
+from megatron_step.data.indexed import read_dataset_meta
+from megatron_step.data.sources import DocumentFormat, read_documents
+from megatron_step.data.tokenizer import Tokenizer
 from megatron_step.forward import Batch, evaluate
 from megatron_step.inspection import verify_checkpoint
 from megatron_step.lora import freeze_and_adapt
 from megatron_step.model import build_model
 from megatron_step.parallel import init_distributed
-from megatron_step.tokenizer import Tokenizer
 
 MICROBATCHES_PER_CALL = 8
 """Micro-batches per forward-only schedule call (one progress-bar tick)."""
@@ -96,8 +96,8 @@ def read_token_stream(data: str | Path, tokenizer: Tokenizer | None, *,
                                   "checkpoint records no data.tokenizer)")
         documents = read_documents(Path(data), document_format=document_format,
                                    json_key=json_key)
-        chunks = (np.asarray([*tokenizer.encode(doc.text), tokenizer.eod], dtype=np.int64)
-                  for doc in documents if doc.text.strip())
+        chunks = (np.asarray([*tokenizer.encode(text), tokenizer.eod], dtype=np.int64)
+                  for text in documents if text.strip())
     return torch.from_numpy(_limited(chunks, max_tokens))
 
 

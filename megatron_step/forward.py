@@ -38,7 +38,7 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module
                   ) -> tuple[torch.Tensor, Any]:
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # pinned: async
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_masked_mean_loss, batch["loss_mask"])
 

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from megatron_step.checkpoint import load_full_tensors, model_config_from_meta, save_full_tensors
 from megatron_step.config import ConfigError, ModelConfig, load_model_config
+from megatron_step.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_step.inspection import verify_checkpoint
 from megatron_step.lora import merge_full_state_dict
 from megatron_step.model import DTYPES
-from megatron_step.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

@@ -7,7 +7,8 @@ copies, Adam moments), deduplicated by storage, for this rank. On GPU the peak a
 same `model_state_bytes` (memory.MemoryBreakdown), which is what benchmarks compare.
 
 Only rank 0 writes files: `metrics.jsonl` (one JSON object per logged step), TensorBoard scalars
-when the `tensorboard` package is installed, `summary.json` and PNG plots.
+when the `tensorboard` package is installed, Weights & Biases when `logging.wandb` is set
+(`wandb_logging`), `summary.json` and PNG plots.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch.distributed as dist
 
 from megatron_step import collectives, fp8_storage, te
 from megatron_step.checkpoint import write_json_atomic
+from megatron_step.config import WandbConfig
 from megatron_step.log import logger
 from megatron_step.optim import leaf_optimizers
 from megatron_step.parallel import is_rank0
+from megatron_step.wandb_logging import WandbRun, require_wandb
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
@@ -117,16 +120,21 @@ def max_over_ranks(values: dict[str, int]) -> dict[str, int]:
 
 
 class MetricsLog:
-    """Rank-0 metrics stream: `metrics.jsonl` plus optional TensorBoard scalars.
+    """Rank-0 metrics stream: `metrics.jsonl` plus optional TensorBoard and W&B scalars.
 
     On resume the file is cut back to the resumed global step, so a restarted run never shows
     a step twice.
     """
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_step: int = 0,
+                 wandb: WandbConfig | None = None, run_config: dict[str, Any] | None = None
+                 ) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.enabled = is_rank0()
         self._tb = None
+        self._wandb = None
+        if wandb is not None:
+            require_wandb()  # on every rank: all fail alike when it is missing
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,21 +147,39 @@ class MetricsLog:
                 logger.info("tensorboard is not installed: TensorBoard scalars are off")
             else:
                 self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None:
+            self._wandb = WandbRun(wandb, out_dir, run_config or {})
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (must hold `step`); numbers also go to TensorBoard."""
+        """Append one record (must hold `step`); numbers also go to TensorBoard and W&B."""
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(key, value, record["step"])
+        self._scalars(record["step"], {key: value for key, value in record.items()
+                                       if key != "step" and isinstance(value, int | float)})
+
+    def stage_start(self, stage: int, step: int, predicted: dict[str, int],
+                    peak_bytes: int) -> None:
+        """Mark a stage boundary (scalar `stage_start` = the stage, at the global step it starts
+        after) with the planner's predicted per-GPU memory for the stage (`predicted/*`
+        bytes)."""
+        if self.enabled:
+            self._scalars(step, {"stage_start": stage, "predicted/peak_bytes": peak_bytes,
+                                 **{f"predicted/{key}": value for key, value in predicted.items()}})
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ from megatron_step.checkpoint import (
     write_json_atomic,
 )
 from megatron_step.config import ConfigError, RunConfig, dump_config, load_config
+from megatron_step.data.tokenizer import TokenizerError, load_tokenizer
 from megatron_step.forward import evaluate, train_step
 from megatron_step.growth import default_provenance, provenance_from_meta
 from megatron_step.growth_online import grow_model
@@ -71,7 +72,6 @@ from megatron_step.parallel import (
     init_distributed,
     is_rank0,
 )
-from megatron_step.tokenizer import TokenizerError, load_tokenizer
 
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
@@ -127,10 +127,11 @@ class Run:
     config: RunConfig
     layout: Layout
     out_dir: Path
-    train_data: Any
+    train_data: data.StepLoader
     valid_data: Any
     metrics: MetricsLog
     stop: StopFlag
+    data_accounting: dict[str, Any]
     global_step: int = 0
     stage_summaries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -235,6 +236,7 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
                 len(provenance), len(frozen), stage.lora.rank if frozen else 0,
                 len(provenance) - len(frozen), start, steps, f"{report.model.trainable:,}",
                 f"{report.model.frozen:,}", f"{report.model.adapter:,}")
+    run.metrics.stage_start(index, run.global_step, *_stage_prediction(run, index))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train = config.train
@@ -248,10 +250,7 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
         step_start = time.perf_counter()
         set_learning_rate(optimizer, learning_rate(stage, step,
                                                    relora.last_reset_step(stage.relora, step)))
-        batches = data.step_microbatches(
-            run.train_data, consumed_samples=run.global_step * train.global_batch_size,
-            global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size,
-            dp_rank=run.layout.dp_rank, dp_size=run.layout.data_parallel_size)
+        batches = run.train_data.microbatches(run.global_step * train.global_batch_size)
         result = train_step(ddp, optimizer, batches)
         if not math.isfinite(result["loss"]):
             raise Diverged(f"non-finite loss {result['loss']} at stage {index} step {step + 1} "
@@ -320,22 +319,39 @@ def train_stage(run: Run, index: int, chunks: list[torch.nn.Module],
                                                   None))
 
 
-def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path) -> tuple[Any, Any]:
+def _prepare_data(config: RunConfig, layout: Layout, out_dir: Path
+                  ) -> tuple[data.StepLoader, Any, dict[str, Any]]:
+    """The train micro-batch loader, the validation dataset and the token accounting."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the "
                           f"vocabulary of data.tokenizer ({tokenizer.describe()}: "
                           f"{tokenizer.vocab_size})")
-    prefix = config.data.path
-    if prefix == data.EMBEDDED:
-        prefix = data.prepare_embedded_dataset(out_dir / "data", tokenizer,
-                                               progress=is_rank0())
-    total = sum(stage_steps(config)) * config.train.global_batch_size
-    valid = config.train.eval_iters * config.train.global_batch_size
-    return data.build_datasets(prefix, tokenizer, seq_length=config.model.seq_length,
-                               split=config.data.split, seed=config.train.seed,
-                               num_train_samples=total, num_valid_samples=valid,
-                               cache_dir=out_dir / "data" / "cache")
+    embedded = None
+    if config.data.blend is None and config.data.path in (None, data.EMBEDDED):
+        embedded = data.prepare_embedded_dataset(out_dir / "data", tokenizer,
+                                                 progress=is_rank0())
+    blend = data.resolve_blend(config.data, embedded)
+    train = config.train
+    stage_samples = [steps * train.global_batch_size for steps in stage_steps(config)]
+    valid_samples = train.eval_iters * train.global_batch_size
+    train_set, valid_set = data.build_datasets(
+        blend, tokenizer, seq_length=config.model.seq_length, seed=train.seed,
+        num_train_samples=sum(stage_samples), num_valid_samples=valid_samples,
+        cache_dir=out_dir / "data" / "cache")
+    accounting = data.token_accounting(train_set, valid_set, blend, stage_samples=stage_samples,
+                                       seq_length=config.model.seq_length,
+                                       valid_samples=valid_samples)
+    if is_rank0():
+        for line in data.describe(accounting):
+            logger.info("%s", line)
+        for warning in accounting["warnings"]:
+            logger.warning("data: %s", warning)
+    loader = data.StepLoader(train_set, global_batch_size=train.global_batch_size,
+                             micro_batch_size=train.micro_batch_size, dp_rank=layout.dp_rank,
+                             dp_size=layout.data_parallel_size,
+                             num_workers=config.data.num_workers)
+    return loader, valid_set, accounting
 
 
 def _write_run_files(config: RunConfig, out_dir: Path) -> None:
@@ -365,7 +381,8 @@ def _finish(run: Run, last: int) -> dict[str, Any]:
                "peak_bytes_predicted": max(s["predicted"]["peak_bytes"]
                                            for s in run.stage_summaries),
                "final_valid_loss": run.stage_summaries[-1]["valid_loss"],
-               "final_valid_ppl": run.stage_summaries[-1]["valid_ppl"]}
+               "final_valid_ppl": run.stage_summaries[-1]["valid_ppl"],
+               "data": run.data_accounting}
     if is_rank0():
         write_summary(run.out_dir, summary)
         if config.logging.plots:
@@ -417,12 +434,14 @@ def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str,
                 layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                 layout.data_parallel_size, describe_backend())
     _write_run_files(config, out_dir)
-    train_data, valid_data = _prepare_data(config, layout, out_dir)
+    train_data, valid_data, accounting = _prepare_data(config, layout, out_dir)
     start_path, start = _starting_point(config)
     run = Run(config=config, layout=layout, out_dir=out_dir, train_data=train_data,
-              valid_data=valid_data,
+              valid_data=valid_data, data_accounting=accounting,
               metrics=MetricsLog(out_dir, tensorboard=config.logging.tensorboard,
-                                 resume_step=start["global_step"] if start else 0),
+                                 resume_step=start["global_step"] if start else 0,
+                                 wandb=config.logging.wandb,
+                                 run_config=json.loads(json.dumps(dataclasses.asdict(config)))),
               stop=StopFlag())
     if is_rank0():
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -464,6 +483,7 @@ def run_training(config: RunConfig, until_stage: int | None = None) -> dict[str,
             resume = None
         return _finish(run, last)
     finally:
+        run.train_data.close()
         run.metrics.close()
 
 

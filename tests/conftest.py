@@ -1,11 +1,13 @@
 """Shared fixtures: the tiny model, a one-process Megatron world, data paths, device markers.
 
-Tests marked `gpu` need CUDA and tests marked `te` need Transformer Engine; where those are
-missing they are reported as skipped with the reason (not run), never as passed.
+Tests marked `gpu` need CUDA, tests marked `te` need Transformer Engine and tests marked `lm_eval`
+need lm-evaluation-harness; where those are missing they are reported as skipped with the reason
+(not run), never as passed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "te" in item.keywords and not te.HAVE_TE:
             reason = f"not run: needs Transformer Engine ({te.TE_UNAVAILABLE_REASON})"
             item.add_marker(pytest.mark.skip(reason=reason))  # no transformer_engine here
+        if "lm_eval" in item.keywords and importlib.util.find_spec("lm_eval") is None:
+            item.add_marker(pytest.mark.skip(reason="not run: needs lm-eval (pip install -e "
+                                                    "'.[eval]')"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

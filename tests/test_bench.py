@@ -36,7 +36,7 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-SCRIPTS = {name: _load(name) for name in ("memory", "throughput", "quality")}
+SCRIPTS = {name: _load(name) for name in ("memory", "throughput", "quality", "preprocess")}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,6 +122,23 @@ def test_throughput_quick_writes_finite_speedups(tmp_path: Path) -> None:
         for key in ("vanilla_tokens_per_s", "stage_tokens_per_s", "speedup"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["expected_speedup"] > 1.0, row  # fewer or frozen layers: fewer FLOPs
+
+
+def test_preprocess_quick_times_both_tokenizers(tmp_path: Path, wikitext: Path) -> None:
+    """--quick trains both tokenizers on 300 KB of WikiText-2, runs tools/preprocess_data.py
+    for each as its own process and writes finite, positive wall and CPU times and the token
+    counts of the datasets it made (values themselves are machine-dependent)."""
+    assert SCRIPTS["preprocess"].main([
+        "--quick", "--workers", "1", "--wikitext", str(wikitext / "train.txt"), "--out-dir",
+        str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
+    result = json.loads((tmp_path / "preprocess.json").read_text())
+    assert (tmp_path / "preprocess.md").read_text().startswith("#### Preprocessing")
+    assert [(r["tool"], r["tokenizer"]) for r in result["runs"]] == [
+        ("megatron_step", "sentencepiece"), ("megatron_step", "byte-level BPE")]
+    for run in result["runs"]:
+        assert run["tokens"] > result["input_mb"] * 1e5, run  # ~ < 10 bytes per token
+        for key in ("wall_s", "cpu_s", "build_s"):
+            assert math.isfinite(run[key]) and run[key] > 0, (key, run)
 
 
 def test_step_flops_counts_frozen_layers_without_weight_gradients() -> None:

@@ -19,18 +19,12 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from megatron_step import data
 from megatron_step.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_step.corpus import (
-    CorpusError,
-    embedded_documents,
-    read_documents,
-    sentence_splitter,
-    texts,
-    to_jsonl,
-)
+from megatron_step.data.corpus import embedded_documents, sentence_splitter, to_jsonl
+from megatron_step.data.sources import CorpusError, read_documents, texts
+from megatron_step.data.tokenizer import TokenizerError, load_tokenizer, train_bpe
 from megatron_step.forward import train_step
 from megatron_step.model import build_model
 from megatron_step.optim import wrap_and_optimize
-from megatron_step.tokenizer import TokenizerError, load_tokenizer, train_bpe
 
 from builders import FP32
 from dist import run_world
@@ -167,15 +161,15 @@ def test_document_formats_slice_the_file_exactly(tmp_path: Path) -> None:
             " Old .\n \n = Beta = \n \n Beta text .\n")
     path = tmp_path / "wiki.txt"
     path.write_text(text)
-    read = [d.text for d in read_documents(path, document_format="wikitext")]
+    read = [*read_documents(path, document_format="wikitext")]
     assert read == [" = Alpha = \n \n First para .\n Second para .\n \n = = History = = \n \n"
                     " Old .\n \n", " = Beta = \n \n Beta text .\n"]
-    blocks = [d.text for d in read_documents(path)]
+    blocks = [*read_documents(path)]
     assert blocks[1] == " First para .\n Second para .\n" and len(blocks) == 6
     assert len(list(read_documents(path, document_format="lines"))) == 7
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(to_jsonl(["a\nb", "", "c"]) + "\n")
-    assert [d.text for d in read_documents(jsonl)] == ["a\nb", "", "c"]
+    assert [*read_documents(jsonl)] == ["a\nb", "", "c"]
 
 
 def test_indexed_dataset_holds_exactly_the_encoded_documents(wikitext: Path, bpe_path: Path,
@@ -188,8 +182,8 @@ def test_indexed_dataset_holds_exactly_the_encoded_documents(wikitext: Path, bpe
     wiki.write_text(_wikitext_lines(wikitext, 300))
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(to_jsonl(["", "first record \u00e9", "second record\n"]))
-    docs = [d.text for path in (wiki, jsonl)
-            for d in read_documents(path, document_format="auto") if d.text.strip()]
+    docs = [text for path in (wiki, jsonl)
+            for text in read_documents(path, document_format="auto") if text.strip()]
     for spec in ("byte", str(bpe_path)):
         tok = load_tokenizer(spec)
         prefix = tmp_path / f"{tok.kind}"

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from test_hf import train_and_save
 
 from megatron_step.config import ParallelConfig
-from megatron_step.corpus import to_jsonl
 from megatron_step.data import build_indexed_dataset
+from megatron_step.data.corpus import to_jsonl
+from megatron_step.data.tokenizer import load_tokenizer
 from megatron_step.evaluation import evaluate_checkpoint, read_token_stream
-from megatron_step.tokenizer import load_tokenizer
 
 from dist import run_world
 from tools import load_tool

@@ -15,12 +15,12 @@ import torch
 from megatron_step.checkpoint import load_full_tensors, read_meta, save_checkpoint
 from megatron_step.config import LoraConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_step.config import model_preset as preset
+from megatron_step.data.tokenizer import load_tokenizer, train_bpe
 from megatron_step.forward import compute_logits, train_step
 from megatron_step.hf import HFConversionError, load_hf, model_config_from_hf
 from megatron_step.lora import adapter_meta, freeze_and_adapt
 from megatron_step.optim import wrap_and_optimize
 from megatron_step.parallel import local_world
-from megatron_step.tokenizer import load_tokenizer, train_bpe
 
 from builders import FP32, build_world_model, load_at_layout, microbatches, random_tokens
 from dist import run_world

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_step.corpus import read_documents
-from megatron_step.tokenizer import load_tokenizer
+from megatron_step.data.sources import read_documents
+from megatron_step.data.tokenizer import load_tokenizer
 
 from tools import load_tool
 
@@ -34,7 +36,7 @@ def inputs(wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return root / "wiki.txt", root / "para.jsonl"
 
 
-def _tokens(prefix: Path) -> list[int]:
+def _tokens(prefix: Path | str) -> list[int]:
     dataset = IndexedDataset(str(prefix))
     return np.concatenate([dataset[i] for i in range(len(dataset))]).tolist()
 
@@ -46,6 +48,9 @@ def test_help_describes_the_tool(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--output-prefix PREFIX" in out and "--split-sentences" in out
     assert "Exit codes" in out and "wikitext" in out
+    for flag in ("--text-column COLUMN", "--json-key KEY", "--output-shards K|input", "parquet",
+                 ".zst"):
+        assert flag in out, flag
 
 
 def test_text_and_jsonl_inputs_become_one_dataset(inputs: tuple[Path, Path], tmp_path: Path,
@@ -65,9 +70,34 @@ def test_text_and_jsonl_inputs_become_one_dataset(inputs: tuple[Path, Path], tmp
     documents = [*read_documents(wiki, document_format="wikitext"),
                  *read_documents(jsonl, json_key="body")]
     assert len(documents) == 4 + 40
-    assert _tokens(prefix) == [i for d in documents for i in (*tok.encode(d.text), tok.eod)]
+    assert _tokens(prefix) == [i for d in documents for i in (*tok.encode(d), tok.eod)]
     assert sorted(p.name for p in prefix.parent.iterdir()) == \
         ["wiki.bin", "wiki.idx", "wiki.meta.json"]
+
+
+def test_parquet_shards_from_a_glob_become_one_dataset_each(
+        inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A quoted glob over parquet shards (text in --text-column) with --workers 2 and
+    --output-shards input writes one dataset per shard, in sorted shard order, each holding
+    exactly its rows + EOD; the tool says which glob names them in data.blend. More shards than
+    inputs is a usage error. Guards against unexpanded globs, the wrong column and shards
+    swapping contents."""
+    paragraphs = [json.loads(line)["body"] for line in inputs[1].read_text().splitlines()]
+    shards = [paragraphs[:25], paragraphs[25:30], paragraphs[30:]]
+    for i, rows in enumerate(shards):
+        pq.write_table(pa.table({"content": rows}), tmp_path / f"train-{i:02d}.parquet")
+    prefix = tmp_path / "out" / "fwe"
+    args = ["--input", str(tmp_path / "train-*.parquet"), "--text-column", "content",
+            "--output-prefix", str(prefix), "--workers", "2"]
+    assert tool.main([*args, "--output-shards", "4"]) == 2
+    assert "--output-shards: 4 is more than the 3 input file(s)" in capsys.readouterr().err
+    assert tool.main([*args, "--output-shards", "input"]) == 0
+    out = capsys.readouterr().out
+    assert f"data.blend path '{prefix}-*'" in out and "3 input file(s) -> 3 dataset(s)" in out
+    tok = load_tokenizer("byte")
+    for i, rows in enumerate(shards):
+        assert _tokens(f"{prefix}-{i:05d}-of-00003") == \
+            [t for row in rows for t in (*tok.encode(row), tok.eod)]
 
 
 def test_trained_bpe_and_sentence_splitting(inputs: tuple[Path, Path], tmp_path: Path,

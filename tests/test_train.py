@@ -156,7 +156,7 @@ def test_frozen_layers_change_only_through_the_adapter_merge(baseline: Path) -> 
 
 def _final_valid_loss(path: Path, config_path: Path, out_dir: Path) -> float:
     from megatron_step import data
-    from megatron_step.tokenizer import load_tokenizer
+    from megatron_step.data.tokenizer import load_tokenizer
 
     config = load_config(config_path)
     tiny = config.model

@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output {args.output!r} exists; pass --overwrite to replace it")
     from megatron_step.checkpoint import CheckpointError, read_meta, write_json_atomic
     from megatron_step.config import ConfigError, ParallelConfig
+    from megatron_step.data.tokenizer import load_tokenizer
     from megatron_step.evaluation import evaluate_checkpoint, indexed_prefix, read_token_stream
     from megatron_step.log import quiet_megatron_warnings
     from megatron_step.parallel import destroy_distributed, is_rank0
-    from megatron_step.tokenizer import load_tokenizer
 
     quiet_megatron_warnings()
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
